@@ -1,0 +1,1 @@
+"""bkd_jax: knowledge distillation in JAX/Flax, built around Block-KD."""

@@ -1,0 +1,29 @@
+"""The model zoo: every architecture as a `BlockNet`, by registry name.
+
+Each family module exports `MODELS: dict[name, builder(num_classes, dtype) -> BlockNet]`.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from bkd_jax.blockwise import BlockNet
+from bkd_jax.models import resnet_cifar
+
+_REGISTRY = {}
+for _family in (resnet_cifar,):
+    _REGISTRY.update(_family.MODELS)
+
+
+def available() -> list[str]:
+    """Names accepted by `get_model`, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_model(name: str, num_classes: int, dtype: jnp.dtype = jnp.float32) -> BlockNet:
+    """Builds zoo model `name` with a `num_classes`-way classifier computing in `dtype`."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(available())}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be positive, got {num_classes}")
+    return _REGISTRY[name](num_classes, dtype)
