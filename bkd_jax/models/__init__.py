@@ -8,10 +8,28 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from bkd_jax.blockwise import BlockNet
-from bkd_jax.models import resnet_cifar
+from bkd_jax.models import (
+    mobilenetv1,
+    mobilenetv2,
+    resnet50_cifar,
+    resnet_cifar,
+    resnet_imagenet,
+    shufflenet,
+    vgg,
+    wrn,
+)
 
 _REGISTRY = {}
-for _family in (resnet_cifar,):
+for _family in (
+    resnet_cifar,
+    resnet50_cifar,
+    wrn,
+    vgg,
+    mobilenetv2,
+    shufflenet,
+    resnet_imagenet,
+    mobilenetv1,
+):
     _REGISTRY.update(_family.MODELS)
 
 

@@ -55,8 +55,7 @@ def max_pool(x: jnp.ndarray, window: int, stride: int, padding: int = 0) -> jnp.
 def avg_pool(x: jnp.ndarray, window: int, stride: int, padding: int = 0) -> jnp.ndarray:
     """PyTorch AvgPool2d semantics (zero padding counted in the average)."""
     pad = ((padding, padding), (padding, padding))
-    return nn.avg_pool(x, (window, window), (stride, stride), padding=pad,
-                       count_include_pad=True)
+    return nn.avg_pool(x, (window, window), (stride, stride), padding=pad, count_include_pad=True)
 
 
 class ClassifierHead(nn.Module):

@@ -55,22 +55,34 @@ class Stage(nn.Module):
         for u in range(self.num_units):
             stride = self.stride if u == 0 else 1
             downsample = u == 0 and (stride != 1 or self.in_planes != self.planes)
-            x = BasicBlock(self.planes, stride, downsample, self.dtype,
-                           name=f"layer{self.index}_{u}")(x, train)
+            x = BasicBlock(
+                self.planes, stride, downsample, self.dtype, name=f"layer{self.index}_{u}"
+            )(x, train)
         return x
 
 
 def cifar_resnet(
-    depth: int, filters: tuple[int, int, int, int], num_classes: int,
-    dtype: jnp.dtype = jnp.float32, *, name: str,
+    depth: int,
+    filters: tuple[int, int, int, int],
+    num_classes: int,
+    dtype: jnp.dtype = jnp.float32,
+    *,
+    name: str,
 ) -> BlockNet:
     if (depth - 2) % 6:
         raise ValueError(f"CIFAR ResNet depth must be 6k+2, got {depth}")
     units = (depth - 2) // 6
     in_planes = (filters[0], filters[1], filters[2])
     blocks = tuple(
-        Stage(k + 1, in_planes[k], filters[k + 1], units, 1 if k == 0 else 2,
-              with_stem=k == 0, dtype=dtype)
+        Stage(
+            k + 1,
+            in_planes[k],
+            filters[k + 1],
+            units,
+            1 if k == 0 else 2,
+            with_stem=k == 0,
+            dtype=dtype,
+        )
         for k in range(3)
     )
     return BlockNet(name, blocks, ClassifierHead(num_classes, dtype))

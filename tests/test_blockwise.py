@@ -1,0 +1,173 @@
+"""Stepping-stones: composition, gradient flow, frozen teacher, jit, and pairing errors."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import images
+
+from bkd_jax import models
+from bkd_jax.blockwise import stepping_stones
+from bkd_jax.connectors import default_grouping, make_connectors
+
+PAIRS = [  # (teacher, student, input side)
+    ("resnet32x4", "resnet8x4", 32),
+    ("wrn_40_2", "wrn_40_1", 32),
+    ("resnet32x4", "shufflenetv1", 32),  # spatial mismatch
+    ("vgg13", "mobilenetv2", 32),  # 5 teacher blocks against 4 student blocks
+    ("imagenet_resnet34", "imagenet_resnet18", 64),
+]
+
+
+@functools.cache
+def build(teacher_name: str, student_name: str, size: int):
+    classes = 1000 if teacher_name.startswith("imagenet_") else 100
+    teacher = models.get_model(teacher_name, classes)
+    student = models.get_model(student_name, classes)
+    x = images(4, size)
+    conns = make_connectors(student, teacher, x.shape)
+    variables = (
+        teacher.init(jax.random.key(1), x),
+        student.init(jax.random.key(2), x),
+        conns.init(jax.random.key(3)),
+    )
+    return teacher, student, conns, variables, x
+
+
+def manual_stone(teacher, student, conns, variables, x, i, *, train=False):
+    """N_i written out block by block, the teacher always in inference mode."""
+    tv, sv, cv = variables
+    if train:
+        h, _ = student.apply_range(sv, x, 1, conns.student_cuts[i - 1], train=True)
+        h, _ = conns.apply(cv, i, h, train=True)
+    else:
+        h = conns.apply(cv, i, student.apply_range(sv, x, 1, conns.student_cuts[i - 1]))
+    h = teacher.apply_range(tv, h, conns.teacher_cuts[i - 1] + 1, teacher.num_blocks)
+    return teacher.apply_head(tv, h)
+
+
+def _close(a, b, tol=1e-4):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: f"{p[0]}->{p[1]}")
+def test_every_stone_is_the_written_out_composition(pair):
+    teacher, student, conns, variables, x = build(*pair)
+    tv, sv, cv = variables
+    n = conns.num_stones
+    assert n == min(teacher.num_blocks, student.num_blocks)
+    assert conns.student_cuts[-1] == student.num_blocks  # N_n: the whole student backbone
+    for train in (False, True):
+        out = stepping_stones(
+            student, sv, teacher, tv, conns, cv, x, stones=range(1, n + 1), train=train
+        )
+        assert sorted(out.stone_logits) == list(range(1, n + 1))
+        for i in range(1, n + 1):
+            expected = manual_stone(teacher, student, conns, variables, x, i, train=train)
+            _close(out.stone_logits[i], expected)
+        student_logits = student.apply(sv, x, train=train)
+        _close(out.student_logits, student_logits[0] if train else student_logits)
+        assert len(out.features) == n
+        if train:  # student and connector statistics move; the teacher is never returned
+            moved = [out.student_vars["batch_stats"], out.connector_vars["batch_stats"]]
+            before = [sv["batch_stats"], cv["batch_stats"]]
+            for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(moved), strict=True):
+                assert not np.array_equal(old, new)
+
+
+def grad_norm(jacobian_tree, i: int) -> float:
+    """L1 norm of the gradient of stone i's loss (row i-1 of a stacked Jacobian)."""
+    return sum(float(jnp.abs(g[i - 1]).sum()) for g in jax.tree.leaves(jacobian_tree))
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: f"{p[0]}->{p[1]}")
+def test_gradients_reach_exactly_the_blocks_below_each_stone(pair):
+    teacher, student, conns, (tv, sv, cv), x = build(*pair)
+    n = conns.num_stones
+    logits_shape = teacher.apply(tv, x).shape
+    probe = jax.random.normal(jax.random.key(4), logits_shape)  # a random linear read-out
+    teacher_before = jax.tree.map(np.asarray, tv)
+
+    def stone_losses(trainable):
+        s_params, c_params = trainable
+        out = stepping_stones(
+            student,
+            {**sv, "params": s_params},
+            teacher,
+            tv,
+            conns,
+            {**cv, "params": c_params},
+            x,
+            stones=range(1, n + 1),
+            train=True,
+        )
+        return jnp.stack([jnp.sum(out.stone_logits[i] * probe) for i in range(1, n + 1)])
+
+    s_grads, c_grads = jax.jit(jax.jacrev(stone_losses))((sv["params"], cv["params"]))
+    for i in range(1, n + 1):
+        for k in range(1, student.num_blocks + 1):
+            norm = grad_norm(s_grads[f"block{k}"], i)
+            if k <= conns.student_cuts[i - 1]:
+                assert norm > 0, f"N_{i}: no gradient reached student block {k}"
+            else:
+                assert norm == 0, f"N_{i}: gradient leaked into student block {k}"
+        assert grad_norm(s_grads["head"], i) == 0
+        for j in range(1, n + 1):
+            norm = grad_norm(c_grads[f"connector{j}"], i)
+            assert (norm > 0) == (j == i), f"N_{i}: connector {j} gradient {norm}"
+    jax.tree.map(np.testing.assert_array_equal, tv, teacher_before)
+
+
+def test_jit_equals_eager():
+    teacher, student, conns, (tv, sv, cv), x = build(*PAIRS[2])
+
+    def run(sv, cv, x):
+        out = stepping_stones(student, sv, teacher, tv, conns, cv, x, stones=(2, 3), train=True)
+        return out.student_logits, out.stone_logits, out.student_vars, out.connector_vars
+
+    jax.tree.map(_close, jax.jit(run)(sv, cv, x), run(sv, cv, x))
+
+
+def test_default_grouping_merges_leading_blocks_of_the_deeper_network():
+    assert default_grouping(4, 5) == ((1, 2, 3, 4), (2, 3, 4, 5))
+    assert default_grouping(3, 3) == ((1, 2, 3), (1, 2, 3))
+    assert default_grouping(5, 3) == ((3, 4, 5), (1, 2, 3))
+    *_, conns, _, _ = build(*PAIRS[3])
+    assert (conns.student_cuts, conns.teacher_cuts) == ((1, 2, 3, 4), (2, 3, 4, 5))
+
+
+def test_connector_adapts_space_and_channels_and_mirrors_activation():
+    teacher, student, conns, (tv, sv, cv), x = build(*PAIRS[2])
+    feats = stepping_stones(student, sv, teacher, tv, conns, cv, x, stones=(), train=False).features
+    t_feats = teacher.features(tv, x)[1]
+    for i in range(1, conns.num_stones + 1):
+        y = conns.apply(cv, i, feats[i - 1])
+        assert y.shape == t_feats[conns.teacher_cuts[i - 1] - 1].shape
+        assert float(y.min()) >= 0  # resnet32x4 blocks end in ReLU, so C_i does too
+    _, wrn_s, wrn_c, (_, wsv, wcv), wx = build(*PAIRS[1])
+    h = wrn_s.apply_range(wsv, wx, 1, 1)
+    assert float(wrn_c.apply(wcv, 1, h).min()) < 0  # pre-activation WRN: no ReLU
+
+
+def test_bad_stone_index_and_unconnectable_pairs_are_rejected():
+    teacher, student, conns, (tv, sv, cv), x = build(*PAIRS[0])
+    with pytest.raises(ValueError, match=r"stepping-stone index 4 outside 1\.\.3"):
+        stepping_stones(student, sv, teacher, tv, conns, cv, x, stones=(4,), train=False)
+    with pytest.raises(ValueError, match="2 student cuts but 3 teacher cuts"):
+        make_connectors(student, teacher, x.shape, grouping=((2, 3), (1, 2, 3)))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        make_connectors(student, teacher, x.shape, grouping=((2, 1, 3), (1, 2, 3)))
+    r18 = models.get_model("imagenet_resnet18", 100)
+    # At 40 px ResNet18's blocks output 10, 5, 3 and 2 px; 3 px cannot reach 16 px by nearest
+    # upsampling, while bilinear upsampling can.
+    with pytest.raises(
+        ValueError, match=r"stone 2: imagenet_resnet18 block 3 output \(3, 3, 256\)"
+    ):
+        make_connectors(r18, teacher, (2, 40, 40, 3), grouping=((2, 3, 4), (1, 2, 3)))
+    make_connectors(
+        r18, teacher, (2, 40, 40, 3), grouping=((2, 3, 4), (1, 2, 3)), upsampling="bilinear"
+    )
