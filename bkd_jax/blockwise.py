@@ -30,7 +30,7 @@ def _part(variables: Variables, name: str) -> dict[str, Any]:
     return {col: tree[name] for col, tree in variables.items() if name in tree}
 
 
-def _with_part(variables: Variables, name: str, updates: Mapping[str, Any]) -> dict[str, Any]:
+def with_part(variables: Variables, name: str, updates: Mapping[str, Any]) -> dict[str, Any]:
     """`variables` with the collections in `updates` replaced for part `name`."""
     new = {col: dict(tree) for col, tree in variables.items()}
     for col, tree in updates.items():
@@ -44,7 +44,7 @@ def apply_part(module: nn.Module, variables: Variables, name: str, h: jax.Array,
     if not train:
         return module.apply(part, h, train=False)
     y, updates = module.apply(part, h, train=True, mutable=["batch_stats"])
-    return y, _with_part(variables, name, updates)
+    return y, with_part(variables, name, updates)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +102,7 @@ class BlockNet:
         for (name, module), k in zip(parts, keys):
             part_vars = module.init(k, h, train=False)
             h = module.apply(part_vars, h, train=False)
-            variables = _with_part(variables, name, part_vars)
+            variables = with_part(variables, name, part_vars)
         return variables
 
     def apply_block(self, variables: Variables, i: int, h: jax.Array, *, train: bool = False):
@@ -184,9 +184,7 @@ def stepping_stones(
     if len(set(stones)) != len(stones):
         raise ValueError(f"repeated stepping-stone index in {tuple(stones)}")
     if train:
-        student_logits, native_feats, student_vars = student.features(
-            student_vars, x, train=True
-        )
+        student_logits, native_feats, student_vars = student.features(student_vars, x, train=True)
     else:
         student_logits, native_feats = student.features(student_vars, x)
     feats = tuple(native_feats[c - 1] for c in connectors.student_cuts)
@@ -196,7 +194,8 @@ def stepping_stones(
             h, connector_vars = connectors.apply(connector_vars, i, feats[i - 1], train=True)
         else:
             h = connectors.apply(connector_vars, i, feats[i - 1])
-        h = teacher.apply_range(teacher_vars, h, connectors.teacher_cuts[i - 1] + 1,
-                                teacher.num_blocks)
+        h = teacher.apply_range(
+            teacher_vars, h, connectors.teacher_cuts[i - 1] + 1, teacher.num_blocks
+        )
         stone_logits[i] = teacher.apply_head(teacher_vars, h)
     return SteppingStoneOutput(student_logits, feats, stone_logits, student_vars, connector_vars)
