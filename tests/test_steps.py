@@ -1,0 +1,131 @@
+"""Distillers and the train/eval steps on tiny models."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from bkd_jax import distillers, models, steps
+
+NUM_CLASSES = 10
+SHAPE = (16, 16, 16, 3)
+
+
+def distill_config(method: str, **overrides) -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict(
+        dict(
+            method=method,
+            temperature=4.0,
+            ce_weight=0.1,
+            kd_weight=0.9,
+            dkd_alpha=1.0,
+            dkd_beta=8.0,
+            alpha=1.0,
+            beta=1.0,
+            gamma=1.0,
+            distance="kd",
+            stones=(),
+            grouping=None,
+            upsampling="nearest",
+        )
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+@functools.cache
+def teacher_and_batch():
+    teacher = models.get_model("resnet20", NUM_CLASSES)
+    x = jax.random.normal(jax.random.key(0), SHAPE)
+    batch = {"image": x, "label": jax.random.randint(jax.random.key(1), (SHAPE[0],), 0, 10)}
+    return teacher, teacher.init(jax.random.key(2), x), batch
+
+
+def build(method: str, **overrides):
+    teacher, teacher_vars, batch = teacher_and_batch()
+    student = models.get_model("resnet8", NUM_CLASSES)
+    distiller = distillers.make_distiller(
+        distill_config(method, **overrides), student, teacher, SHAPE
+    )
+    optimizer = optax.adam(3e-3)
+    state = steps.create_train_state(distiller, optimizer, jax.random.key(3), batch["image"])
+    return distiller, optimizer, state, teacher_vars, batch
+
+
+@pytest.mark.parametrize("method", distillers.METHODS)
+def test_thirty_steps_halve_the_loss_and_leave_the_teacher_untouched(method):
+    distiller, optimizer, state, teacher_vars, batch = build(method)
+    connectors = {f"connector{i}" for i in distiller.stones}
+    assert set(state.params["connectors"]) == connectors  # only Block-KD has connectors
+    teacher_before = jax.tree.map(np.array, teacher_vars)
+    step = jax.jit(steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(1.0)))
+    first_stats = state.batch_stats
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, teacher_vars, batch)
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all()
+    assert losses[-1] <= 0.5 * losses[0], losses
+    assert int(state.step) == 30
+    jax.tree.map(np.testing.assert_array_equal, teacher_vars, teacher_before)
+    for old, new in zip(jax.tree.leaves(first_stats), jax.tree.leaves(state.batch_stats)):
+        assert not np.array_equal(old, new)
+
+
+def test_blockkd_lite_uses_the_deepest_stones_and_may_drop_the_cross_term():
+    lite, *_ = build("blockkd_lite", gamma=0.0)
+    full, *_ = build("blockkd")
+    assert full.stones == (1, 2, 3) and lite.stones == (2, 3)
+    _, optimizer, state, teacher_vars, batch = build("blockkd_lite", gamma=0.0)
+    _, metrics = steps.make_train_step(lite, optimizer, lambda s: 1.0)(state, teacher_vars, batch)
+    assert {"kd_stone2", "kd_stone3"} <= set(metrics) and "kd_stone1" not in metrics
+    assert float(metrics["cross"]) == 0.0 and "cross_student" not in metrics
+    custom, *_ = build("blockkd", stones=(1, 3))
+    assert custom.stones == (1, 3)
+
+
+def test_dkd_warmup_scales_the_distillation_term():
+    distiller, optimizer, state, teacher_vars, batch = build("dkd")
+    step = steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(0.25))
+    _, m = step(state, teacher_vars, batch)
+    np.testing.assert_allclose(m["loss"], 0.1 * m["ce"] + 0.25 * m["dkd"], rtol=1e-6)
+
+
+def test_warmup_factor_counts_epochs_from_one():
+    r = [float(distillers.warmup_factor(jnp.int32(s), 10, 4)) for s in (0, 9, 10, 35, 1000)]
+    assert r == [0.25, 0.25, 0.5, 1.0, 1.0]
+    assert float(distillers.warmup_factor(jnp.int32(0), 10, 0)) == 1.0
+
+
+def test_eval_step_counts_masked_topk_exactly():
+    distiller, _, state, teacher_vars, batch = build("blockkd")
+    mask = np.array([1.0] * 12 + [0.0] * 4, np.float32)
+    sums = steps.make_eval_step(distiller)(state, teacher_vars, {**batch, "mask": mask})
+    logits = distiller.eval_logits(
+        state.variables("student"), state.variables("connectors"), teacher_vars, batch["image"]
+    )
+    assert set(logits) == {"student", "teacher", "stone1", "stone2", "stone3"}
+    labels = np.asarray(batch["label"])
+    for name, value in logits.items():
+        ranked = np.argsort(-np.asarray(value), axis=-1)
+        for k in (1, 5):
+            hits = (ranked[:, :k] == labels[:, None]).any(axis=1)
+            assert float(sums[f"{name}/top{k}"]) == float((hits * mask).sum()), (name, k)
+    assert float(sums["count"]) == 12
+
+
+def test_bad_method_or_missing_teacher_is_rejected():
+    student = models.get_model("resnet8", NUM_CLASSES)
+    with pytest.raises(ValueError, match="unknown distillation method 'fitnet'"):
+        distillers.make_distiller(distill_config("fitnet"), student, None, SHAPE)
+    with pytest.raises(ValueError, match="distils from a teacher"):
+        distillers.make_distiller(distill_config("kd"), student, None, SHAPE)
+    teacher, _, _ = teacher_and_batch()
+    with pytest.raises(ValueError, match=r"distill.stones=\(0, 2\)"):
+        distillers.make_distiller(distill_config("blockkd", stones=(0, 2)), student, teacher, SHAPE)
