@@ -1,0 +1,140 @@
+"""Training metrics to JSON lines and TensorBoard, written by process 0 only.
+
+`workdir/metrics.jsonl` holds one ``{"step": step, **scalars}`` object per line, flushed at
+once, so a crashed or preempted run keeps every line it logged and any tool can read it. A
+resumed run appends; steps logged after the last checkpoint appear twice, and readers keep
+the last line of a step. `workdir/tensorboard/` holds the same scalars as TensorBoard
+events. TensorFlow is imported only when a TensorBoard writer is made, so importing this
+module stays light. On processes other than 0 every method does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from etils import epath
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def _python_scalar(value: Any) -> int | float | bool:
+    """A Python number from a Python, numpy or jax scalar (a jax array is fetched)."""
+    return np.asarray(value).item()
+
+
+class _Backend(Protocol):
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None: ...
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _JsonLinesWriter:
+    """Appends one JSON object per `write_scalars` call; texts are TensorBoard's only."""
+
+    def __init__(self, path: epath.Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = path.open("a")
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        record = {"step": int(step), **{k: _python_scalar(v) for k, v in scalars.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        del step, texts
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class _TensorBoardWriter:
+    """TensorBoard events under `logdir`, flushed after every write.
+
+    tensorflow-cpu does not depend on the tensorboard package, without which
+    tf.summary.scalar/text raise; so summaries go through the core `tf.summary.write` with
+    the plugin metadata TensorBoard's scalars and text dashboards read.
+    """
+
+    def __init__(self, logdir: epath.Path):
+        import tensorflow as tf  # Heavy, and needed only here.
+        from tensorflow.core.framework import summary_pb2
+
+        # TF must not claim the GPUs JAX trains on. This works only before TF initialises
+        # its devices (RuntimeError after); whoever initialised them made that choice.
+        with contextlib.suppress(RuntimeError):
+            tf.config.set_visible_devices([], "GPU")
+        self._tf = tf
+        self._writer = tf.summary.create_file_writer(str(logdir))
+        self._scalar, self._text = (
+            summary_pb2.SummaryMetadata(
+                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin),
+                data_class=data_class,
+            )
+            for plugin, data_class in [
+                ("scalars", summary_pb2.DATA_CLASS_SCALAR),
+                ("text", summary_pb2.DATA_CLASS_TENSOR),
+            ]
+        )
+
+    def _write(self, step: int, values: Mapping[str, Any], metadata: Any, dtype: Any) -> None:
+        with self._writer.as_default():
+            for name, value in values.items():
+                tensor = self._tf.constant(value, dtype=dtype)
+                self._tf.summary.write(name, tensor, step=int(step), metadata=metadata)
+        self._writer.flush()
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        floats = {name: float(_python_scalar(value)) for name, value in scalars.items()}
+        self._write(step, floats, self._scalar, self._tf.float32)
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        self._write(step, texts, self._text, self._tf.string)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class MetricWriter:
+    """Writes scalars to `workdir/metrics.jsonl` and, optionally, TensorBoard.
+
+    Args:
+      workdir: the run's directory.
+      tensorboard: also write TensorBoard events under `workdir/tensorboard`.
+    """
+
+    def __init__(self, workdir: str | epath.PathLike, *, tensorboard: bool = True):
+        workdir = epath.Path(workdir)
+        self._backends: list[_Backend] = []
+        if jax.process_index() == 0:
+            self._backends.append(_JsonLinesWriter(workdir / METRICS_FILE))
+            if tensorboard:
+                self._backends.append(_TensorBoardWriter(workdir / TENSORBOARD_DIR))
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """Writes `{name: scalar}` at `step`; values may be Python, numpy or jax scalars."""
+        for backend in self._backends:
+            backend.write_scalars(step, scalars)
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        """Writes `{name: markdown text}` at `step` to TensorBoard (e.g. the config)."""
+        for backend in self._backends:
+            backend.write_texts(step, texts)
+
+    def close(self) -> None:
+        for backend in self._backends:
+            backend.close()
+        self._backends = []
+
+    def __enter__(self) -> MetricWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,72 @@
+"""Tests for bkd_jax.metric_writers: exact JSON lines, TensorBoard scalars read back, and
+silence on processes other than 0."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bkd_jax import metric_writers
+
+
+def test_jsonl_lines_are_exact_and_appended_across_writers(tmp_path):
+    with metric_writers.MetricWriter(tmp_path, tensorboard=False) as writer:
+        writer.write_scalars(1, {"train/loss": jnp.float32(0.5), "lr": 0.1, "n": np.int64(3)})
+        writer.write_scalars(jnp.int32(2), {"eval/top1": jnp.asarray(0.25)})
+        # Flushed at once: readable before close.
+        assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    with metric_writers.MetricWriter(tmp_path, tensorboard=False) as writer:
+        writer.write_scalars(3, {"train/loss": np.float32(0.1)})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert lines == [
+        '{"step": 1, "train/loss": 0.5, "lr": 0.1, "n": 3}',
+        '{"step": 2, "eval/top1": 0.25}',
+        json.dumps({"step": 3, "train/loss": float(np.float32(0.1))}),
+    ]
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def _read_events(logdir):
+    """{tag: [(step, value)]} and {tag: plugin name} from the event files in `logdir`."""
+    import tensorflow as tf
+
+    found, plugins = {}, {}
+    for path in sorted(logdir.glob("events.out.tfevents.*")):
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                found.setdefault(value.tag, []).append((event.step, tf.make_ndarray(value.tensor)))
+                plugins.setdefault(value.tag, value.metadata.plugin_data.plugin_name)
+    return found, plugins
+
+
+def test_tensorboard_scalars_and_texts_read_back(tmp_path):
+    with metric_writers.MetricWriter(tmp_path) as writer:
+        writer.write_scalars(10, {"train/loss": 2.5, "eval/top1": jnp.float32(0.75)})
+        writer.write_scalars(20, {"train/loss": np.float64(1.25)})
+        writer.write_texts(0, {"config": "lr: 0.05"})
+    events, plugins = _read_events(tmp_path / "tensorboard")
+    assert plugins == {"train/loss": "scalars", "eval/top1": "scalars", "config": "text"}
+    assert [(s, float(v)) for s, v in events["train/loss"]] == [(10, 2.5), (20, 1.25)]
+    assert [(s, float(v)) for s, v in events["eval/top1"]] == [(10, 0.75)]
+    [(step, text)] = events["config"]
+    assert step == 0 and text.item() == b"lr: 0.05"
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_other_processes_write_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    with metric_writers.MetricWriter(tmp_path / "run") as writer:
+        writer.write_scalars(1, {"loss": 1.0})
+        writer.write_texts(1, {"note": "x"})
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_scalar_values_are_refused(tmp_path):
+    with (
+        metric_writers.MetricWriter(tmp_path, tensorboard=False) as writer,
+        pytest.raises(ValueError),
+    ):
+        writer.write_scalars(1, {"logits": np.zeros(3)})
