@@ -1,0 +1,284 @@
+"""The training loop: build, validate, resume, step, evaluate, checkpoint, log.
+
+`train_and_evaluate(config, workdir)` is what `python -m bkd_jax.main` runs and what a
+notebook calls directly. Everything a bad config can get wrong is checked before any
+compute: names of the data set, models and method, the data on disk, the teacher
+checkpoint, and that the batches split over the devices.
+
+Resuming: the training stream is a pure function of (seed, step), so a checkpoint of the
+state (student, connectors, optimizer, step) and a few scalars in its JSON `extra` (best
+accuracy so far) is all a restart needs to continue exactly where it stopped. Checkpoints
+are written every `checkpoint_every_steps`, at every evaluation that improves the
+student's top-1 (kept apart as the best), at the end, and on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+from bkd_jax import (
+    checkpointing,
+    distillers,
+    input_pipeline,
+    models,
+    optim,
+    sharding,
+    steps,
+)
+from bkd_jax.metric_writers import MetricWriter
+from bkd_jax.progress import Progress
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+BEST_METRIC = "eval/student/top1"
+RESULTS_FILE = "results.json"
+# Keys that may change between runs of one experiment without invalidating its workdir.
+COSMETIC_KEYS = ("log_every_steps", "tensorboard", "eval_only")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Cheap checks of names and numbers, before anything touches data or devices."""
+    if config.distill.method not in distillers.METHODS:
+        raise ValueError(
+            f"unknown method {config.distill.method!r}; known: {', '.join(distillers.METHODS)}"
+        )
+    names = [config.student] + ([config.teacher] if config.distill.method != "ce" else [])
+    for name in names:
+        if name not in models.available():
+            raise ValueError(f"unknown model {name!r}; known: {', '.join(models.available())}")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {config.dtype!r}")
+    if config.distill.method != "ce" and not config.teacher_checkpoint:
+        raise ValueError(
+            f"method {config.distill.method!r} distils from a teacher: set "
+            "config.teacher_checkpoint to the workdir of a method=ce run or to a directory "
+            "written by `python -m bkd_jax.convert`"
+        )
+    for field in ("global_batch_size", "eval_batch_size", "log_every_steps"):
+        if config[field] < 1:
+            raise ValueError(f"config.{field} must be positive, got {config[field]}")
+
+
+def load_model_variables(path: str, net: models.BlockNet, image_shape, what: str) -> Any:
+    """Variables from a checkpoint, checked against `net`'s structure and shapes."""
+    try:
+        variables, _ = checkpointing.load_variables(path)
+    except ValueError as e:
+        raise ValueError(f"{what} {path}: {e}") from None
+    expected = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, *image_shape)))
+    want = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree.leaves_with_path(expected)}
+    have = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree.leaves_with_path(variables)}
+    problems = [f"missing {k} {want[k]}" for k in sorted(want.keys() - have.keys())]
+    problems += [f"unexpected {k} {have[k]}" for k in sorted(have.keys() - want.keys())]
+    problems += [
+        f"{k}: checkpoint {have[k]} vs model {want[k]}"
+        for k in sorted(want.keys() & have.keys())
+        if tuple(have[k]) != tuple(want[k])
+    ]
+    if problems:
+        shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
+        raise ValueError(
+            f"{what} {path} does not match model {net.name} ({len(problems)} problems):\n  {shown}"
+        )
+    return jax.tree.map(lambda v: np.asarray(v, np.float32), variables)
+
+
+def evaluate(eval_step, state, teacher_vars, config, mesh) -> dict[str, float]:
+    """Top-1/top-5 of every evaluated model over the whole eval split."""
+    sums = None
+    for local in input_pipeline.eval_batches(
+        config.dataset, global_batch_size=config.eval_batch_size
+    ):
+        out = eval_step(state, teacher_vars, sharding.global_batch(local, mesh))
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    sums = jax.device_get(sums)
+    count = float(sums.pop("count"))
+    return {"eval/count": count, **{f"eval/{k}": float(v) / count for k, v in sums.items()}}
+
+
+def _summary(history: list[dict[str, float]]) -> dict[str, Any]:
+    """Best (by top-1) and last evaluation of every model."""
+    if not history:
+        return {}
+    best = max(history, key=lambda m: m[BEST_METRIC])
+    return {"best": best, "last": history[-1]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains (or only evaluates) per `config` in `workdir`; returns the results summary."""
+    validate_config(config)
+    info = input_pipeline.dataset_info(config.dataset)
+    mesh = sharding.make_mesh()
+    sharding.check_batch_size(config.global_batch_size, mesh, "config.global_batch_size")
+    sharding.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
+    steps_per_epoch = input_pipeline.steps_per_epoch(info, config.global_batch_size)
+    if steps_per_epoch < 1:
+        raise ValueError(
+            f"config.global_batch_size {config.global_batch_size} exceeds the "
+            f"{info.num_train} training examples"
+        )
+    dtype = DTYPES[config.dtype]
+    student = models.get_model(config.student, info.num_classes, dtype)
+    teacher = teacher_vars = None
+    repl = sharding.replicated(mesh)
+    if config.distill.method != "ce":
+        teacher = models.get_model(config.teacher, info.num_classes, dtype)
+        teacher_vars = jax.device_put(
+            load_model_variables(
+                config.teacher_checkpoint, teacher, info.image_shape, "teacher checkpoint"
+            ),
+            repl,
+        )
+    student_init = None
+    if config.student_checkpoint:
+        student_init = load_model_variables(
+            config.student_checkpoint, student, info.image_shape, "student checkpoint"
+        )
+
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpointing.check_or_write_config(workdir, config.to_dict(), ignore=COSMETIC_KEYS)
+
+    distiller = distillers.make_distiller(
+        config.distill, student, teacher, (1, *info.image_shape), dtype=dtype
+    )
+    optimizer = optim.make_optimizer(config.optim, steps_per_epoch)
+    total_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
+    sample = jnp.zeros((1, *info.image_shape), jnp.float32)
+    state = jax.jit(
+        functools.partial(steps.create_train_state, distiller, optimizer), out_shardings=repl
+    )(jax.random.key(config.seed), sample)
+    if student_init is not None:
+        state = state.replace(
+            params={**state.params, "student": student_init["params"]},
+            batch_stats={**state.batch_stats, "student": student_init.get("batch_stats", {})},
+        )
+        state = jax.device_put(state, repl)
+
+    checkpointer = checkpointing.Checkpointer(
+        workdir,
+        save_interval_steps=config.checkpoint_every_steps,
+        max_to_keep=config.keep_checkpoints,
+        best_metric=BEST_METRIC,
+    )
+    history: list[dict[str, float]] = []
+    restored = checkpointer.restore(state)
+    if restored is not None:
+        state, extra = restored
+        history = extra.get("history", [])
+        logging.info("Resuming from step %d.", int(state.step))
+
+    batch_spec = sharding.batch_sharded(mesh)
+    eval_step = jax.jit(
+        steps.make_eval_step(distiller),
+        in_shardings=(repl, repl, batch_spec),
+        out_shardings=repl,
+    )
+    writer = MetricWriter(workdir, tensorboard=config.tensorboard)
+    if config.eval_only:
+        metrics = evaluate(eval_step, state, teacher_vars, config, mesh)
+        writer.write_scalars(int(state.step), metrics)
+        writer.close()
+        summary = {"eval": metrics}
+        _write_results(workdir, summary)
+        logging.info("Evaluation: %s", json.dumps(metrics, indent=1))
+        return summary
+
+    warmup = functools.partial(
+        distillers.warmup_factor,
+        steps_per_epoch=steps_per_epoch,
+        warmup_epochs=config.distill.warmup_epochs,
+    )
+    train_step = jax.jit(
+        steps.make_train_step(distiller, optimizer, warmup),
+        in_shardings=(repl, repl, batch_spec),
+        out_shardings=(repl, repl),
+        donate_argnums=0,
+    )
+    start = int(state.step)
+    batches = input_pipeline.train_batches(
+        config.dataset,
+        global_batch_size=config.global_batch_size,
+        seed=config.seed,
+        start_step=start,
+    )
+    eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
+    progress = Progress(total_steps, images_per_step=config.global_batch_size, initial_step=start)
+    logging.info(
+        "%s: %s -> %s on %s, %d steps (%d per epoch) on %d devices.",
+        config.distill.method, config.teacher, config.student, config.dataset.name,
+        total_steps, steps_per_epoch, mesh.devices.size,
+    )  # fmt: skip
+    step = start
+    with checkpointing.PreemptionGuard() as guard:
+        last_log = time.monotonic()
+        for step in range(start + 1, total_steps + 1):
+            batch = sharding.global_batch(next(batches), mesh)
+            state, train_metrics = train_step(state, teacher_vars, batch)
+            scalars = None
+            if step % config.log_every_steps == 0 or step == total_steps:
+                now = time.monotonic()
+                scalars = {f"train/{k}": float(v) for k, v in jax.device_get(train_metrics).items()}
+                scalars["train/epoch"] = step / steps_per_epoch
+                scalars["train/seconds_per_step"] = (now - last_log) / config.log_every_steps
+                last_log = now
+                writer.write_scalars(step, scalars)
+            eval_metrics = None
+            if step % eval_every == 0 or step == total_steps:
+                eval_metrics = evaluate(eval_step, state, teacher_vars, config, mesh)
+                history.append({"step": step, "epoch": step / steps_per_epoch, **eval_metrics})
+                writer.write_scalars(step, eval_metrics)
+            progress.update(step, _short(scalars, eval_metrics))
+            stop = guard.should_stop(step)
+            checkpointer.save(
+                step,
+                state,
+                {"history": history},
+                metrics=eval_metrics,
+                force=stop or step == total_steps,
+            )
+            if stop:
+                logging.warning("Preempted: saved step %d; rerun the command to resume.", step)
+                break
+    progress.close()
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    writer.close()
+    summary = {"steps": step, "total_steps": total_steps, **_summary(history)}
+    if step == total_steps:
+        _write_results(workdir, summary)
+        _log_summary(summary)
+    return summary
+
+
+def _short(train: dict | None, evaluation: dict | None) -> dict[str, float] | None:
+    """The few scalars the progress line shows."""
+    shown = {}
+    if train:
+        shown["loss"] = train["train/loss"]
+    if evaluation:
+        shown["top1"] = evaluation[BEST_METRIC]
+    return shown or None
+
+
+def _write_results(workdir: epath.Path, summary: dict[str, Any]) -> None:
+    if jax.process_index() == 0:
+        (workdir / RESULTS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _log_summary(summary: dict[str, Any]) -> None:
+    best, last = summary["best"], summary["last"]
+    logging.info(
+        "Student top-1: best %.2f%% (epoch %.1f), last %.2f%%; top-5: best %.2f%%, last %.2f%%.",
+        100 * best[BEST_METRIC], best["epoch"], 100 * last[BEST_METRIC],
+        100 * best["eval/student/top5"], 100 * last["eval/student/top5"],
+    )  # fmt: skip
