@@ -11,7 +11,6 @@ from bkd_jax.blockwise import BlockNet
 from bkd_jax.models import (
     mobilenetv1,
     mobilenetv2,
-    resnet50_cifar,
     resnet_cifar,
     resnet_imagenet,
     shufflenet,
@@ -22,7 +21,6 @@ from bkd_jax.models import (
 _REGISTRY = {}
 for _family in (
     resnet_cifar,
-    resnet50_cifar,
     wrn,
     vgg,
     mobilenetv2,
