@@ -10,7 +10,10 @@ connector and a suffix of another compose as a plain, jittable function chain:
 `stepping_stones` evaluates the student once, keeps its block features, and runs every
 requested stepping-stone from them. The teacher always runs with running BatchNorm
 statistics and is never updated here; gradients still flow through its blocks into the
-connectors and the student, which is what aligns the student's features.
+connectors and the student, which is what aligns the student's features. Because the
+teacher processes each example independently, the stones that reach a teacher block run
+through it as one batch (`batch_stones`), and its activations may be recomputed in the
+backward pass rather than stored (`remat_teacher`); neither changes the result.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 Variables = Mapping[str, Any]
 
@@ -158,6 +163,61 @@ class SteppingStoneOutput(NamedTuple):
     connector_vars: Any
 
 
+def _teacher_block(teacher: BlockNet, j: int, remat: bool):
+    """`(variables, h) -> y` of teacher block j in inference mode, optionally rematerialised."""
+
+    def block(variables: Variables, h: jax.Array) -> jax.Array:
+        return teacher.apply_block(variables, j, h)
+
+    return jax.checkpoint(block) if remat else block
+
+
+def _teacher_suffixes(
+    teacher: BlockNet,
+    teacher_vars: Variables,
+    entries: Mapping[int, tuple[int, jax.Array]],
+    *,
+    remat: bool,
+) -> dict[int, jax.Array]:
+    """Logits of each stone, its input `h` run through teacher blocks `start`..n and head.
+
+    `entries` maps a stone to `(start, h)`; each stone runs on its own.
+    """
+    logits = {}
+    for i, (start, h) in entries.items():
+        for j in range(start, teacher.num_blocks + 1):
+            h = _teacher_block(teacher, j, remat)(teacher_vars, h)
+        logits[i] = teacher.apply_head(teacher_vars, h)
+    return logits
+
+
+def _batched_teacher_suffixes(
+    teacher: BlockNet,
+    teacher_vars: Variables,
+    entries: Mapping[int, tuple[int, jax.Array]],
+    *,
+    remat: bool,
+) -> dict[int, jax.Array]:
+    """`_teacher_suffixes` with one call per teacher block over every stone that reaches it.
+
+    A stone joins the running batch (concatenated along the batch axis) at its first
+    teacher block. Teacher BatchNorm uses running statistics, so each example is processed
+    independently and the batched result equals the separate ones.
+    """
+    order = sorted(entries, key=lambda i: entries[i][0])  # the row order of the batch
+    h = None
+    for j in range(entries[order[0]][0], teacher.num_blocks + 2):
+        joining = [entries[i][1] for i in order if entries[i][0] == j]
+        if joining:
+            h = jnp.concatenate(joining if h is None else [h, *joining])
+        if j <= teacher.num_blocks:
+            h = _teacher_block(teacher, j, remat)(teacher_vars, h)
+    logits = teacher.apply_head(teacher_vars, h)
+    bounds = np.cumsum([entries[i][1].shape[0] for i in order])[:-1]
+    by_stone = dict(zip(order, jnp.split(logits, bounds)))
+    return {i: by_stone[i] for i in entries}
+
+
 def stepping_stones(
     student: BlockNet,
     student_vars: Variables,
@@ -169,6 +229,8 @@ def stepping_stones(
     *,
     stones: Sequence[int],
     train: bool,
+    batch_stones: bool = True,
+    remat_teacher: bool = False,
 ) -> SteppingStoneOutput:
     """The student and the stepping-stones N_i for i in `stones`, student computed once.
 
@@ -176,6 +238,11 @@ def stepping_stones(
     points: with grouping, the i-th Block-KD block of a network may span several of its
     native blocks. The teacher runs in inference mode (running BatchNorm statistics) and
     its variables are never returned.
+
+    Two options change the cost, not the result: `batch_stones` runs each teacher block
+    once on the concatenation of every stone that passes through it, and `remat_teacher`
+    recomputes the activations of teacher blocks in the backward pass instead of storing
+    them (memory for compute).
     """
     n = connectors.num_stones
     for i in stones:
@@ -188,14 +255,15 @@ def stepping_stones(
     else:
         student_logits, native_feats = student.features(student_vars, x)
     feats = tuple(native_feats[c - 1] for c in connectors.student_cuts)
-    stone_logits = {}
+    entries = {}
     for i in stones:
         if train:
             h, connector_vars = connectors.apply(connector_vars, i, feats[i - 1], train=True)
         else:
             h = connectors.apply(connector_vars, i, feats[i - 1])
-        h = teacher.apply_range(
-            teacher_vars, h, connectors.teacher_cuts[i - 1] + 1, teacher.num_blocks
-        )
-        stone_logits[i] = teacher.apply_head(teacher_vars, h)
+        entries[i] = (connectors.teacher_cuts[i - 1] + 1, h)
+    stone_logits = {}
+    if entries:
+        run = _batched_teacher_suffixes if batch_stones else _teacher_suffixes
+        stone_logits = run(teacher, teacher_vars, entries, remat=remat_teacher)
     return SteppingStoneOutput(student_logits, feats, stone_logits, student_vars, connector_vars)

@@ -65,6 +65,8 @@ class Distiller:
     teacher: BlockNet | None = None
     connectors: Connectors | None = None
     stones: tuple[int, ...] = ()
+    batch_stones: bool = True
+    remat_teacher: bool = False
 
     def init_connectors(self, key: jax.Array) -> dict[str, Any]:
         """Variables of the extra trainable modules: the stones' connectors, or nothing."""
@@ -90,6 +92,7 @@ class Distiller:
         out = stepping_stones(
             self.student, student_vars, self.teacher, teacher_vars, self.connectors,
             connector_vars, images, stones=self.stones, train=train,
+            batch_stones=self.batch_stones, remat_teacher=self.remat_teacher,
         )  # fmt: skip
         return Forward(
             out.student_logits, teacher_logits, out.stone_logits, out.student_vars,
@@ -187,10 +190,13 @@ def make_distiller(
     input_shape: Sequence[int],
     *,
     dtype: jnp.dtype = jnp.float32,
+    batch_stones: bool = True,
+    remat_teacher: bool = False,
 ) -> Distiller:
     """Builds the distiller `cfg.method` (see the module docstring for its fields).
 
     `input_shape` (NHWC) sizes the connectors; `dtype` is their compute dtype.
+    `batch_stones` and `remat_teacher` are the cost options of `stepping_stones`.
     """
     method = cfg.method
     if method not in METHODS:
@@ -215,5 +221,6 @@ def make_distiller(
     )  # fmt: skip
     n = connectors.num_stones
     return Distiller(
-        method, student, _blockkd_objective(cfg, n), teacher, connectors, _stones(cfg, method, n)
-    )
+        method, student, _blockkd_objective(cfg, n), teacher, connectors,
+        _stones(cfg, method, n), batch_stones, remat_teacher,
+    )  # fmt: skip
