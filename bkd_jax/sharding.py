@@ -7,7 +7,7 @@ devices in tests, a GPU box and a TPU pod slice.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -16,9 +16,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = "data"
 
 
-def make_mesh() -> Mesh:
-    """A 1-D mesh over all devices of all processes."""
-    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh over `devices`, by default all devices of all processes."""
+    return Mesh(np.asarray(jax.devices() if devices is None else devices), (DATA_AXIS,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -3,7 +3,8 @@
 `train_and_evaluate(config, workdir)` is what `python -m bkd_jax.main` runs and what a
 notebook calls directly. Everything a bad config can get wrong is checked before any
 compute: names of the data set, models and method, the data on disk, the teacher
-checkpoint, and that the batches split over the devices.
+checkpoint, that the batches split over the devices, and that a workdir being resumed
+was started with the same config. Nothing is written to the workdir before these pass.
 
 Resuming: the training stream is a pure function of (seed, step), so a checkpoint of the
 state (student, connectors, optimizer, step) and a few scalars in its JSON `extra` (best
@@ -17,14 +18,17 @@ from __future__ import annotations
 import functools
 import json
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from etils import epath
+from jax.sharding import Mesh
 
 from bkd_jax import (
     checkpointing,
@@ -92,6 +96,35 @@ def load_model_variables(path: str, net: models.BlockNet, image_shape, what: str
     return jax.tree.map(lambda v: np.asarray(v, np.float32), variables)
 
 
+def jit_train_step(
+    distiller: distillers.Distiller,
+    optimizer: optax.GradientTransformation,
+    warmup: Callable[[jax.Array], jax.Array],
+    mesh: Mesh,
+) -> Callable:
+    """The train step jitted over `mesh`: batch split, state and teacher replicated.
+
+    The state argument is donated: its buffers are reused for the new state.
+    """
+    repl = sharding.replicated(mesh)
+    return jax.jit(
+        steps.make_train_step(distiller, optimizer, warmup),
+        in_shardings=(repl, repl, sharding.batch_sharded(mesh)),
+        out_shardings=(repl, repl),
+        donate_argnums=0,
+    )
+
+
+def jit_eval_step(distiller: distillers.Distiller, mesh: Mesh) -> Callable:
+    """The eval step jitted over `mesh`; its sums come back replicated."""
+    repl = sharding.replicated(mesh)
+    return jax.jit(
+        steps.make_eval_step(distiller),
+        in_shardings=(repl, repl, sharding.batch_sharded(mesh)),
+        out_shardings=repl,
+    )
+
+
 def evaluate(eval_step, state, teacher_vars, config, mesh) -> dict[str, float]:
     """Top-1/top-5 of every evaluated model over the whole eval split."""
     sums = None
@@ -113,8 +146,21 @@ def _summary(history: list[dict[str, float]]) -> dict[str, Any]:
     return {"best": best, "last": history[-1]}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Trains (or only evaluates) per `config` in `workdir`; returns the results summary."""
+class _Setup(NamedTuple):
+    """What a config builds before any compute: everything checked, nothing written."""
+
+    info: input_pipeline.DatasetInfo
+    mesh: Mesh
+    steps_per_epoch: int
+    total_steps: int
+    distiller: distillers.Distiller
+    optimizer: optax.GradientTransformation
+    teacher_vars: Any  # replicated over the mesh; None for method ce
+    student_init: Any  # student variables from config.student_checkpoint, or None
+
+
+def _set_up(config: ml_collections.ConfigDict) -> _Setup:
+    """Validates `config` against the data, the devices and the checkpoints it names."""
     validate_config(config)
     info = input_pipeline.dataset_info(config.dataset)
     mesh = sharding.make_mesh()
@@ -128,42 +174,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         )
     dtype = DTYPES[config.dtype]
     student = models.get_model(config.student, info.num_classes, dtype)
-    teacher = teacher_vars = None
-    repl = sharding.replicated(mesh)
+    teacher = teacher_vars = student_init = None
     if config.distill.method != "ce":
         teacher = models.get_model(config.teacher, info.num_classes, dtype)
         teacher_vars = jax.device_put(
             load_model_variables(
                 config.teacher_checkpoint, teacher, info.image_shape, "teacher checkpoint"
             ),
-            repl,
+            sharding.replicated(mesh),
         )
-    student_init = None
     if config.student_checkpoint:
         student_init = load_model_variables(
             config.student_checkpoint, student, info.image_shape, "student checkpoint"
         )
+    return _Setup(
+        info=info,
+        mesh=mesh,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=config.num_train_steps or config.num_epochs * steps_per_epoch,
+        distiller=distillers.make_distiller(
+            config.distill,
+            student,
+            teacher,
+            (1, *info.image_shape),
+            dtype=dtype,
+            remat_teacher=config.remat_teacher,
+        ),
+        optimizer=optim.make_optimizer(config.optim, steps_per_epoch),
+        teacher_vars=teacher_vars,
+        student_init=student_init,
+    )
 
+
+def _initial_state(setup: _Setup, seed: int) -> steps.TrainState:
+    """A fresh state, replicated over the mesh, with the student's initial weights if any."""
+    repl = sharding.replicated(setup.mesh)
+    sample = jnp.zeros((1, *setup.info.image_shape), jnp.float32)
+    state = jax.jit(
+        functools.partial(steps.create_train_state, setup.distiller, setup.optimizer),
+        out_shardings=repl,
+    )(jax.random.key(seed), sample)
+    if setup.student_init is None:
+        return state
+    state = state.replace(
+        params={**state.params, "student": setup.student_init["params"]},
+        batch_stats={**state.batch_stats, "student": setup.student_init.get("batch_stats", {})},
+    )
+    return jax.device_put(state, repl)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains (or only evaluates) per `config` in `workdir`; returns the results summary.
+
+    The summary (also written to `workdir/results.json` once the run is complete) holds
+    "steps" done, "total_steps", and the "best" (by student top-1) and "last" evaluations;
+    with `config.eval_only`, just "eval". A preempted run returns early without results.
+    """
+    setup = _set_up(config)
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     checkpointing.check_or_write_config(workdir, config.to_dict(), ignore=COSMETIC_KEYS)
 
-    distiller = distillers.make_distiller(
-        config.distill, student, teacher, (1, *info.image_shape), dtype=dtype
-    )
-    optimizer = optim.make_optimizer(config.optim, steps_per_epoch)
-    total_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
-    sample = jnp.zeros((1, *info.image_shape), jnp.float32)
-    state = jax.jit(
-        functools.partial(steps.create_train_state, distiller, optimizer), out_shardings=repl
-    )(jax.random.key(config.seed), sample)
-    if student_init is not None:
-        state = state.replace(
-            params={**state.params, "student": student_init["params"]},
-            batch_stats={**state.batch_stats, "student": student_init.get("batch_stats", {})},
-        )
-        state = jax.device_put(state, repl)
-
+    state = _initial_state(setup, config.seed)
     checkpointer = checkpointing.Checkpointer(
         workdir,
         save_interval_steps=config.checkpoint_every_steps,
@@ -177,87 +249,99 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         history = extra.get("history", [])
         logging.info("Resuming from step %d.", int(state.step))
 
-    batch_spec = sharding.batch_sharded(mesh)
-    eval_step = jax.jit(
-        steps.make_eval_step(distiller),
-        in_shardings=(repl, repl, batch_spec),
-        out_shardings=repl,
-    )
+    eval_step = jit_eval_step(setup.distiller, setup.mesh)
     writer = MetricWriter(workdir, tensorboard=config.tensorboard)
     if config.eval_only:
-        metrics = evaluate(eval_step, state, teacher_vars, config, mesh)
+        metrics = evaluate(eval_step, state, setup.teacher_vars, config, setup.mesh)
         writer.write_scalars(int(state.step), metrics)
         writer.close()
+        checkpointer.close()
         summary = {"eval": metrics}
         _write_results(workdir, summary)
         logging.info("Evaluation: %s", json.dumps(metrics, indent=1))
         return summary
 
+    _log_start(config, setup, state)
+    step = _train(config, setup, state, eval_step, checkpointer, writer, history)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+    writer.close()
+    summary = {"steps": step, "total_steps": setup.total_steps, **_summary(history)}
+    if step == setup.total_steps:
+        _write_results(workdir, summary)
+        _log_summary(summary, workdir)
+    return summary
+
+
+def _train(
+    config: ml_collections.ConfigDict,
+    setup: _Setup,
+    state: steps.TrainState,
+    eval_step: Callable,
+    checkpointer: checkpointing.Checkpointer,
+    writer: MetricWriter,
+    history: list[dict[str, float]],
+) -> int:
+    """Steps from `state.step` to the end or a preemption; returns the last step done.
+
+    Appends every evaluation to `history`, which each checkpoint carries.
+    """
     warmup = functools.partial(
         distillers.warmup_factor,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=setup.steps_per_epoch,
         warmup_epochs=config.distill.warmup_epochs,
     )
-    train_step = jax.jit(
-        steps.make_train_step(distiller, optimizer, warmup),
-        in_shardings=(repl, repl, batch_spec),
-        out_shardings=(repl, repl),
-        donate_argnums=0,
-    )
-    start = int(state.step)
+    train_step = jit_train_step(setup.distiller, setup.optimizer, warmup, setup.mesh)
+    start = step = int(state.step)
     batches = input_pipeline.train_batches(
         config.dataset,
         global_batch_size=config.global_batch_size,
         seed=config.seed,
         start_step=start,
     )
-    eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
-    progress = Progress(total_steps, images_per_step=config.global_batch_size, initial_step=start)
-    logging.info(
-        "%s: %s -> %s on %s, %d steps (%d per epoch) on %d devices.",
-        config.distill.method, config.teacher, config.student, config.dataset.name,
-        total_steps, steps_per_epoch, mesh.devices.size,
-    )  # fmt: skip
-    step = start
+    total, per_epoch = setup.total_steps, setup.steps_per_epoch
+    eval_every = max(1, int(config.eval_every_epochs * per_epoch))
+    progress = Progress(total, images_per_step=config.global_batch_size, initial_step=start)
     with checkpointing.PreemptionGuard() as guard:
         last_log = time.monotonic()
-        for step in range(start + 1, total_steps + 1):
-            batch = sharding.global_batch(next(batches), mesh)
-            state, train_metrics = train_step(state, teacher_vars, batch)
+        for step in range(start + 1, total + 1):
+            batch = sharding.global_batch(next(batches), setup.mesh)
+            state, train_metrics = train_step(state, setup.teacher_vars, batch)
             scalars = None
-            if step % config.log_every_steps == 0 or step == total_steps:
+            if step % config.log_every_steps == 0 or step == total:
                 now = time.monotonic()
                 scalars = {f"train/{k}": float(v) for k, v in jax.device_get(train_metrics).items()}
-                scalars["train/epoch"] = step / steps_per_epoch
+                scalars["train/epoch"] = step / per_epoch
                 scalars["train/seconds_per_step"] = (now - last_log) / config.log_every_steps
                 last_log = now
                 writer.write_scalars(step, scalars)
             eval_metrics = None
-            if step % eval_every == 0 or step == total_steps:
-                eval_metrics = evaluate(eval_step, state, teacher_vars, config, mesh)
-                history.append({"step": step, "epoch": step / steps_per_epoch, **eval_metrics})
+            if step % eval_every == 0 or step == total:
+                eval_metrics = evaluate(eval_step, state, setup.teacher_vars, config, setup.mesh)
+                history.append({"step": step, "epoch": step / per_epoch, **eval_metrics})
                 writer.write_scalars(step, eval_metrics)
             progress.update(step, _short(scalars, eval_metrics))
             stop = guard.should_stop(step)
             checkpointer.save(
-                step,
-                state,
-                {"history": history},
-                metrics=eval_metrics,
-                force=stop or step == total_steps,
+                step, state, {"history": history}, metrics=eval_metrics, force=stop or step == total
             )
             if stop:
                 logging.warning("Preempted: saved step %d; rerun the command to resume.", step)
                 break
     progress.close()
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    writer.close()
-    summary = {"steps": step, "total_steps": total_steps, **_summary(history)}
-    if step == total_steps:
-        _write_results(workdir, summary)
-        _log_summary(summary)
-    return summary
+    return step
+
+
+def _log_start(config: ml_collections.ConfigDict, setup: _Setup, state: steps.TrainState) -> None:
+    params = sum(x.size for x in jax.tree.leaves(state.params["student"]))
+    pair = f"{config.teacher} -> {config.student}" if config.distill.method != "ce" else ""
+    logging.info(
+        "%s %s (student %s parameters) on %s (%d train / %d eval images): steps %d to %d, "
+        "%d per epoch, global batch %d over %d devices.",
+        config.distill.method, pair or config.student, f"{params:,}", config.dataset.name,
+        setup.info.num_train, setup.info.num_eval, int(state.step) + 1, setup.total_steps,
+        setup.steps_per_epoch, config.global_batch_size, setup.mesh.devices.size,
+    )  # fmt: skip
 
 
 def _short(train: dict | None, evaluation: dict | None) -> dict[str, float] | None:
@@ -275,10 +359,18 @@ def _write_results(workdir: epath.Path, summary: dict[str, Any]) -> None:
         (workdir / RESULTS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def _log_summary(summary: dict[str, Any]) -> None:
+def _log_summary(summary: dict[str, Any], workdir: epath.Path) -> None:
+    """The student's best and last accuracies, then the last top-1 of the other models."""
     best, last = summary["best"], summary["last"]
+    others = [
+        f"{key.split('/')[1]} {100 * value:.2f}%"
+        for key, value in sorted(last.items())
+        if key.endswith("/top1") and key != BEST_METRIC
+    ]
     logging.info(
-        "Student top-1: best %.2f%% (epoch %.1f), last %.2f%%; top-5: best %.2f%%, last %.2f%%.",
-        100 * best[BEST_METRIC], best["epoch"], 100 * last[BEST_METRIC],
+        "Student top-1: best %.2f%% (step %d, epoch %.1f), last %.2f%%; top-5: best %.2f%%, "
+        "last %.2f%%.%s Results: %s",
+        100 * best[BEST_METRIC], best["step"], best["epoch"], 100 * last[BEST_METRIC],
         100 * best["eval/student/top5"], 100 * last["eval/student/top5"],
+        f" Last top-1 of {', '.join(others)}." if others else "", workdir / RESULTS_FILE,
     )  # fmt: skip

@@ -1,0 +1,199 @@
+"""Tests of the command line, `python -m bkd_jax.main`, in subprocesses: preemption by
+SIGTERM and an exact resume, the console output, the saved config and the locked config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from bkd_jax import checkpointing, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Optimisation level 1 compiles faster on CPU than the default and runs these steps about as
+# fast; every run here uses it, so their numbers stay comparable bit for bit.
+ENV = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_backend_optimization_level=1",
+    "PYTHONPATH": str(REPO),
+}
+CONFIG = """
+from bkd_jax.config_defaults import base_config
+
+
+def get_config():
+    return base_config("digits", teacher="resnet8", student="resnet8", method="ce")
+"""
+# Steps take a few ms here, so the run is long enough for SIGTERM to land well before its
+# end; the single evaluation at the end makes the best checkpoint the final one.
+STEPS = 300
+OVERRIDES = [
+    f"--config.num_train_steps={STEPS}",
+    "--config.global_batch_size=16",  # 89 steps per epoch: the resume is mid-epoch
+    "--config.log_every_steps=1",
+    "--config.eval_every_epochs=100",
+    "--config.tensorboard=False",
+]
+SIGNAL_AFTER_STEP = 3
+
+
+def main_command(config_file: pathlib.Path, workdir: pathlib.Path, *flags: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "bkd_jax.main",
+        f"--config={config_file}",
+        f"--workdir={workdir}",
+        *flags,
+    ]
+
+
+def start(command: list[str], log: pathlib.Path) -> subprocess.Popen:
+    """Starts `command` with its output (logs and progress) going to the file `log`."""
+    with log.open("w") as out:
+        return subprocess.Popen(command, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+
+
+def finish(process: subprocess.Popen, log: pathlib.Path) -> str:
+    """Waits for `process` and checks that it succeeded; returns its output."""
+    process.wait(timeout=300)
+    assert process.returncode == 0, log.read_text()[-5000:]
+    return log.read_text()
+
+
+def logged_steps(workdir: pathlib.Path) -> list[int]:
+    """Steps in metrics.jsonl so far; a line still being written (no newline yet) is left out."""
+    path = workdir / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [json.loads(line)["step"] for line in lines]
+
+
+def train_losses(workdir: pathlib.Path) -> list[tuple[int, float]]:
+    records = (json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines())
+    return [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree.leaves_with_path(tree)}
+
+
+def wait_for_step(
+    process: subprocess.Popen, log: pathlib.Path, workdir: pathlib.Path, step: int
+) -> None:
+    deadline = time.monotonic() + 240
+    while max(logged_steps(workdir), default=0) < step:
+        if process.poll() is not None:
+            pytest.fail(f"the run ended before step {step}: {log.read_text()[-5000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"no step {step} in {workdir}/metrics.jsonl after 240 s")
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """An uninterrupted run, and a run stopped by SIGTERM then resumed by the same command."""
+    root = tmp_path_factory.mktemp("cli")
+    config_file = root / "digits_config.py"
+    config_file.write_text(CONFIG)
+    uninterrupted, resumed = root / "uninterrupted", root / "resumed"
+    logs = {name: root / f"{name}.log" for name in ("reference", "first", "second")}
+    reference = start(main_command(config_file, uninterrupted, *OVERRIDES), logs["reference"])
+    try:
+        first = start(main_command(config_file, resumed, *OVERRIDES), logs["first"])
+        wait_for_step(first, logs["first"], resumed, SIGNAL_AFTER_STEP)
+        first.send_signal(signal.SIGTERM)
+        first_output = finish(first, logs["first"])
+        stopped_at = max(logged_steps(resumed))
+        saved_at_stop = sorted(p.name for p in (resumed / checkpointing.LATEST_DIR).iterdir())
+        had_results = (resumed / train.RESULTS_FILE).exists()
+        second = start(main_command(config_file, resumed, *OVERRIDES), logs["second"])
+        second_output = finish(second, logs["second"])
+        reference_output = finish(reference, logs["reference"])
+    finally:
+        reference.kill()  # only matters when something above failed
+    return {
+        "uninterrupted": uninterrupted,
+        "resumed": resumed,
+        "first_output": first_output,
+        "second_output": second_output,
+        "reference_output": reference_output,
+        "stopped_at": stopped_at,
+        "saved_at_stop": saved_at_stop,
+        "had_results": had_results,
+    }
+
+
+def test_sigterm_saves_a_checkpoint_and_stops_early(runs):
+    stop = runs["stopped_at"]
+    assert SIGNAL_AFTER_STEP <= stop < STEPS
+    assert runs["saved_at_stop"] == [str(stop)]
+    assert not runs["had_results"]
+    assert f"Preempted: saved step {stop}; rerun the command to resume." in runs["first_output"]
+    assert f"Resuming from step {stop}." in runs["second_output"]
+
+
+def test_resumed_run_matches_the_uninterrupted_one(runs):
+    resumed, uninterrupted = runs["resumed"], runs["uninterrupted"]
+    expected = train_losses(uninterrupted)
+    assert [step for step, _ in expected] == list(range(1, STEPS + 1))
+    # Every step logged once (the resume starts right after the saved step), same losses.
+    assert train_losses(resumed) == expected
+
+    got, got_meta = checkpointing.load_variables(resumed)
+    want, want_meta = checkpointing.load_variables(uninterrupted)
+    assert got_meta["step"] == want_meta["step"] == STEPS
+    got_leaves, want_leaves = flat(got), flat(want)
+    assert got_leaves.keys() == want_leaves.keys() and len(got_leaves) > 10
+    for key, value in want_leaves.items():
+        np.testing.assert_array_equal(got_leaves[key], value, err_msg=key)
+
+    results = [json.loads((w / train.RESULTS_FILE).read_text()) for w in (resumed, uninterrupted)]
+    assert results[0] == results[1]
+    assert results[0]["last"]["eval/count"] == 360
+
+
+def test_console_shows_progress_and_final_accuracies_without_library_chatter(runs):
+    output = runs["reference_output"]
+    assert f"step {STEPS}/{STEPS} (100.0%) |" in output
+    assert " img/s | ETA 0:00:00 | loss " in output
+    results = json.loads((runs["uninterrupted"] / train.RESULTS_FILE).read_text())
+    best, last = results["best"]["eval/student/top1"], results["last"]["eval/student/top1"]
+    assert f"Student top-1: best {100 * best:.2f}% (step {STEPS}, " in output
+    assert f"last {100 * last:.2f}%" in output
+    assert "ce resnet8 (student 78,042 parameters) on digits (1437 train / 360 eval" in output
+    assert "checkpoint_manager.py" not in output  # orbax's INFO lines are filtered out
+
+
+def test_resolved_config_is_saved_in_the_workdir(runs):
+    saved = json.loads((runs["uninterrupted"] / checkpointing.CONFIG_FILE).read_text())
+    assert saved["num_train_steps"] == STEPS
+    assert saved["global_batch_size"] == 16
+    assert saved["dataset"]["name"] == "digits"
+    assert saved["distill"]["method"] == "ce"
+
+
+def test_misspelt_config_field_is_rejected(tmp_path):
+    config_file = tmp_path / "digits_config.py"
+    config_file.write_text(CONFIG)
+    result = subprocess.run(
+        main_command(config_file, tmp_path / "run", "--config.num_train_stepz=5"),
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert 'Did you mean "num_train_steps" instead of "num_train_stepz"?' in result.stderr
+    assert not (tmp_path / "run").exists()
