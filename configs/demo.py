@@ -1,0 +1,98 @@
+r"""The demo study on scikit-learn's handwritten digits: minutes on a 2-core CPU, no download.
+
+Arguments (`configs/demo.py:key=value,...`): role (teacher | student; default student),
+method (ce | kd | dkd | blockkd | blockkd_lite; default blockkd; students only), seed
+(default 0), quick (1: one epoch per run, a smoke test; default 0).
+
+The setting: a resnet8 teacher trained on all 1437 training digits, and resnet8 students
+that see only the first 150 of them, trained with each method against that teacher. With
+all the data a resnet8 alone reaches 99% on these 8x8 images and every method ties, so the
+students get a tenth of it: that leaves a gap between the teacher and a student trained
+from scratch for distillation to close. The teacher has the student's architecture
+because, at 8x8 pixels, a deeper one does not pay: resnet20 reached 98.3% in 8 epochs
+(resnet8 99.2% in 10) and made the Block-KD runs about twice as slow. The images keep
+their native 8x8 size (resnet8's stages then run at 8, 4 and 2 pixels);
+upsampling them would quadruple the compute for an accuracy that is already 99%.
+Schedules are mdistiller's CIFAR-100 recipe shrunk to the epochs here: learning-rate
+decays at 150/180/210 of 240 epochs and the 20-epoch warm-up of DKD and Block-KD become
+the same fractions of `epochs`.
+
+Launch: `python -m bkd_jax.demo --workdir=runs/demo` runs the whole study. One run by
+hand, a teacher and then a student distilled from it:
+
+  python -m bkd_jax.main --config=configs/demo.py:role=teacher --workdir=runs/demo/teacher
+  python -m bkd_jax.main --config=configs/demo.py:method=blockkd \
+      --config.teacher_checkpoint=runs/demo/teacher --workdir=runs/demo/blockkd_seed0
+
+Expected (`python -m bkd_jax.demo --workdir=runs/demo`, 3 seeds, test top-1 in % on the
+360 held-out digits, mean ± std over seeds; measured on a shared 2-core CPU):
+
+  | run          | seeds | top-1 best | top-1 last | stone1 last | stone2 last | stone3 last |
+  |--------------|-------|------------|------------|-------------|-------------|-------------|
+  | teacher      | 1     | 99.2       | 99.2       |             |             |             |
+  | ce           | 3     | 94.3 ± 0.8 | 93.9 ± 1.0 |             |             |             |
+  | kd           | 3     | 96.9 ± 0.6 | 96.4 ± 0.6 |             |             |             |
+  | dkd          | 3     | 97.0 ± 0.4 | 96.9 ± 0.6 |             |             |             |
+  | blockkd      | 3     | 96.9 ± 0.3 | 96.6 ± 0.7 | 96.6 ± 1.5  | 96.3 ± 0.6  | 96.3 ± 0.8  |
+  | blockkd_lite | 3     | 96.9 ± 0.4 | 96.7 ± 0.7 |             | 96.4 ± 0.7  | 96.7 ± 0.6  |
+
+3 min 22 s in all with other jobs loading the CPU (teacher 19 s, students 8-20 s a run).
+Every distillation method lifts the student by about 2.5 points over CE alone; KD, DKD
+and both Block-KDs are within one standard deviation of each other, so this study does not
+rank them.
+"""
+
+from __future__ import annotations
+
+from bkd_jax.config_defaults import base_config
+
+TEACHER = "resnet8"
+TEACHER_EPOCHS = 10
+STUDENT = "resnet8"
+STUDENT_EXAMPLES = 150  # the first 150 of the 1437 training digits
+STUDENT_EPOCHS = 30
+STUDENT_BATCH = 32  # 4 steps per epoch on 150 examples
+ROLES = ("teacher", "student")
+
+
+def _parse(arg: str | None) -> dict[str, str]:
+    args = dict(role="student", method="blockkd", seed="0", quick="0")
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in args:
+            raise ValueError(f"unknown config argument {key!r}; known: {', '.join(args)}")
+        args[key] = value
+    if args["role"] not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {args['role']!r}")
+    return args
+
+
+def get_config(arg: str | None = None):
+    args = _parse(arg)
+    teacher_run = args["role"] == "teacher"
+    config = base_config(
+        "digits",
+        teacher=TEACHER,
+        student=TEACHER if teacher_run else STUDENT,
+        method="ce" if teacher_run else args["method"],
+    )
+    config.seed = int(args["seed"])
+    if teacher_run:
+        epochs = TEACHER_EPOCHS
+    else:
+        epochs = STUDENT_EPOCHS
+        config.dataset.max_train_examples = STUDENT_EXAMPLES
+        config.global_batch_size = STUDENT_BATCH
+    if int(args["quick"]):
+        epochs = 1
+    config.num_epochs = epochs
+    config.optim.decay_epochs = tuple(round(epochs * e / 240) for e in (150, 180, 210))
+    config.distill.warmup_epochs = max(1, round(epochs * 20 / 240))
+    config.eval_batch_size = 120  # 3 batches cover the 360 test digits exactly
+    config.eval_every_epochs = max(1, epochs // 10)
+    config.log_every_steps = 4
+    # Checkpoints only at the end and at each new best: saving costs more than a step here.
+    config.checkpoint_every_steps = 10_000
+    config.keep_checkpoints = 1
+    config.tensorboard = False  # The demo plots metrics.jsonl.
+    return config
