@@ -12,6 +12,17 @@ from ml_collections import config_dict
 from bkd_jax import input_pipeline
 
 
+def parse_arguments(arg: str | None, defaults: dict[str, str]) -> dict[str, str]:
+    """big_vision-style `key=value,...` config arguments over `defaults`; unknown keys fail."""
+    args = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in args:
+            raise ValueError(f"unknown config argument {key!r}; known: {', '.join(args)}")
+        args[key] = value
+    return args
+
+
 def distill_config(method: str) -> ml_collections.ConfigDict:
     """Knobs of every distiller (bkd_jax.distillers); unused ones are ignored."""
     return ml_collections.ConfigDict(

@@ -20,7 +20,7 @@ Block-KD paper reports gains over DKD on this pair.
 
 from __future__ import annotations
 
-from bkd_jax.config_defaults import base_config
+from bkd_jax.config_defaults import base_config, parse_arguments
 
 # NCKD weight of DKD per (teacher, student), from mdistiller's configs/cifar100/dkd.
 DKD_BETA = {
@@ -40,12 +40,7 @@ LOW_LR_STUDENTS = ("mobilenetv2", "shufflenetv1", "shufflenetv2")
 
 
 def get_config(arg: str | None = None):
-    args = dict(teacher="resnet32x4", student="resnet8x4", method="blockkd")
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        if key not in args:
-            raise ValueError(f"unknown config argument {key!r}; known: {', '.join(args)}")
-        args[key] = value
+    args = parse_arguments(arg, dict(teacher="resnet32x4", student="resnet8x4", method="blockkd"))
     config = base_config("cifar100", **args)
     if args["student"] in LOW_LR_STUDENTS:
         config.optim.learning_rate = 0.01

@@ -44,7 +44,7 @@ rank them.
 
 from __future__ import annotations
 
-from bkd_jax.config_defaults import base_config
+from bkd_jax.config_defaults import base_config, parse_arguments
 
 TEACHER = "resnet8"
 TEACHER_EPOCHS = 10
@@ -56,12 +56,7 @@ ROLES = ("teacher", "student")
 
 
 def _parse(arg: str | None) -> dict[str, str]:
-    args = dict(role="student", method="blockkd", seed="0", quick="0")
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        if key not in args:
-            raise ValueError(f"unknown config argument {key!r}; known: {', '.join(args)}")
-        args[key] = value
+    args = parse_arguments(arg, dict(role="student", method="blockkd", seed="0", quick="0"))
     if args["role"] not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {args['role']!r}")
     return args

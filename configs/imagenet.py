@@ -18,7 +18,7 @@ teacher 73.31; ResNet18 with CE 69.76, KD 70.66, DKD 71.70.
 
 from __future__ import annotations
 
-from bkd_jax.config_defaults import base_config
+from bkd_jax.config_defaults import base_config, parse_arguments
 
 PAIRS = {
     "r34_r18": ("imagenet_resnet34", "imagenet_resnet18", 0.5),
@@ -27,12 +27,7 @@ PAIRS = {
 
 
 def get_config(arg: str | None = None):
-    args = dict(pair="r34_r18", method="blockkd")
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        if key not in args:
-            raise ValueError(f"unknown config argument {key!r}; known: {', '.join(args)}")
-        args[key] = value
+    args = parse_arguments(arg, dict(pair="r34_r18", method="blockkd"))
     if args["pair"] not in PAIRS:
         raise ValueError(f"unknown pair {args['pair']!r}; known: {', '.join(PAIRS)}")
     teacher, student, dkd_beta = PAIRS[args["pair"]]
