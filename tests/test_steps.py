@@ -11,30 +11,15 @@ import numpy as np
 import optax
 import pytest
 
-from bkd_jax import distillers, models, steps
+from bkd_jax import config_defaults, distillers, models, steps
 
 NUM_CLASSES = 10
 SHAPE = (16, 16, 16, 3)
 
 
 def distill_config(method: str, **overrides) -> ml_collections.ConfigDict:
-    cfg = ml_collections.ConfigDict(
-        dict(
-            method=method,
-            temperature=4.0,
-            ce_weight=0.1,
-            kd_weight=0.9,
-            dkd_alpha=1.0,
-            dkd_beta=8.0,
-            alpha=1.0,
-            beta=1.0,
-            gamma=1.0,
-            distance="kd",
-            stones=(),
-            grouping=None,
-            upsampling="nearest",
-        )
-    )
+    """The project's default `distill` config with `overrides`."""
+    cfg = config_defaults.distill_config(method)
     cfg.update(overrides)
     return cfg
 
