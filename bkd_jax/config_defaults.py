@@ -9,7 +9,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from bkd_jax import input_pipeline
+from bkd_jax.data import datasets
 
 
 def parse_arguments(arg: str | None, defaults: dict[str, str]) -> dict[str, str]:
@@ -63,7 +63,7 @@ def base_config(dataset: str, *, teacher: str, student: str, method: str):
     """A complete config with the documented defaults; recipes override fields."""
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.dataset = input_pipeline.default_dataset_config(dataset)
+    config.dataset = datasets.default_dataset_config(dataset)
     config.teacher = teacher
     config.student = student
     # A checkpoint written by this trainer (a workdir of a `method=ce` run) or by

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bkd_jax.blockwise import BlockNet, Variables, apply_part, with_part
+from bkd_jax.blocknet import BlockNet, Variables, apply_part, with_part
 from bkd_jax.models.layers import batch_norm, conv
 
 Grouping = tuple[tuple[int, ...], tuple[int, ...]]

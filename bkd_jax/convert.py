@@ -16,7 +16,7 @@ The conversion is all-or-nothing: every key must land on a model variable of the
 shape and every variable must be filled, or a ValueError lists all that did not fit.
 
 As a command, it writes the converted teacher as a standalone variables checkpoint
-(`bkd_jax.checkpointing.save_variables`):
+(`bkd_jax.training.checkpointing.save_variables`):
 
     python -m bkd_jax.convert --model resnet32x4 --input ckpt_epoch_240.pth --output DIR
 """
@@ -35,9 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from bkd_jax import checkpointing, pth
-from bkd_jax.blockwise import BlockNet
+from bkd_jax import pth
+from bkd_jax.blocknet import BlockNet
 from bkd_jax.models import available, get_model
+from bkd_jax.training import checkpointing
 
 # PyTorch leaf -> where it may live in Flax: (collection, leaf) candidates, first match wins.
 _TARGETS = {

@@ -4,7 +4,7 @@ r"""The demo study: a teacher, then one student per method and seed; a table and
 
 It runs on scikit-learn's handwritten digits, so it needs no download, and through the
 same trainer and config machinery as the CIFAR-100 and ImageNet recipes: every run is
-`train.train_and_evaluate(config, run_dir)` with a config from `configs/demo.py` (its
+`loop.train_and_evaluate(config, run_dir)` with a config from `configs/demo.py` (its
 docstring has the settings, why, and the measured table). The teacher trains first; then,
 seed by seed, the student trains once per method, distilled from that teacher.
 
@@ -35,10 +35,11 @@ from typing import Any
 import jax
 from absl import app, flags, logging
 
-from bkd_jax import distillers, train
-from bkd_jax.metric_writers import METRICS_FILE
+from bkd_jax import distillers
+from bkd_jax.training import loop
+from bkd_jax.training.metric_writers import METRICS_FILE
 
-TOP1 = train.BEST_METRIC
+TOP1 = loop.BEST_METRIC
 TEACHER = "teacher"
 RESULTS_FILE = "demo_results.json"
 TABLE_FILE = "demo_table.md"
@@ -106,10 +107,10 @@ def run_study(
         config = get_config(arg)
         if row != TEACHER:
             config.teacher_checkpoint = str(workdir / TEACHER)
-        finished = (run_dir / train.RESULTS_FILE).exists()
+        finished = (run_dir / loop.RESULTS_FILE).exists()
         log(f"[{number}/{len(plan)}] {name} (configs/demo.py:{arg})")
         start = time.monotonic()
-        summary = train.train_and_evaluate(config, str(run_dir))
+        summary = loop.train_and_evaluate(config, str(run_dir))
         seconds = time.monotonic() - start
         if finished and name in earlier:
             seconds = earlier[name]["seconds"]

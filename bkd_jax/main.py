@@ -21,7 +21,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bkd_jax import train
+from bkd_jax.training import loop
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with `:arguments`.", lock_config=True
@@ -70,7 +70,7 @@ def main(argv: list[str]) -> None:
         jax.process_index(), jax.process_count(), jax.local_device_count(),
         jax.device_count(), jax.devices()[0].platform,
     )  # fmt: skip
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Tests for bkd_jax.checkpointing: round trips, retention, the config guard, teacher weights
-and the preemption flag."""
+"""Tests for bkd_jax.training.checkpointing: round trips, retention, the config guard,
+teacher weights and the preemption flag."""
 
 import json
 import os
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bkd_jax import checkpointing
+from bkd_jax.training import checkpointing
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -227,7 +227,7 @@ _SHARDED_SCRIPT = textwrap.dedent(
     import sys
     import jax, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from bkd_jax import checkpointing
+    from bkd_jax.training import checkpointing
 
     assert jax.device_count() == 8
     mesh = jax.make_mesh((8,), ("data",))

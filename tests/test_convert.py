@@ -267,7 +267,7 @@ def test_converted_logits_match_pytorch(name, torch, tmp_path):
 
 
 def test_command_line_writes_a_loadable_variables_checkpoint(torch, tmp_path, capsys):
-    from bkd_jax import checkpointing
+    from bkd_jax.training import checkpointing
 
     sd = random_state_dict(resnet8_layout(10))
     torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, tmp_path / "t.pth")
@@ -288,8 +288,9 @@ def test_command_line_writes_a_loadable_variables_checkpoint(torch, tmp_path, ca
 
 def test_converted_teacher_is_evaluated_and_distilled_from_by_the_trainer(torch, tmp_path):
     """A torch-written .pth -> CLI -> eval-only run and a KD run of the trainer."""
-    from bkd_jax import input_pipeline, train
     from bkd_jax.config_defaults import base_config
+    from bkd_jax.data import pipeline
+    from bkd_jax.training import loop
 
     sd = random_state_dict(resnet8_layout(10), seed=3)
     torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, tmp_path / "t.pth")
@@ -300,11 +301,11 @@ def test_converted_teacher_is_evaluated_and_distilled_from_by_the_trainer(torch,
     config = base_config("digits", teacher="resnet8", student="resnet8", method="ce")
     config.eval_only, config.student_checkpoint = True, str(teacher_dir)
     config.eval_batch_size = 64
-    summary = train.train_and_evaluate(config, str(tmp_path / "eval"))
+    summary = loop.train_and_evaluate(config, str(tmp_path / "eval"))
     # The same accuracy computed directly from the converted variables.
     net, variables = models.get_model("resnet8", 10), convert.from_pytorch_state_dict("resnet8", sd)
     hits = total = 0
-    for batch in input_pipeline.eval_batches(config.dataset, global_batch_size=64):
+    for batch in pipeline.eval_batches(config.dataset, global_batch_size=64):
         predicted = np.argmax(net.apply(variables, jnp.asarray(batch["image"])), axis=-1)
         hits += int(((predicted == batch["label"]) & batch["mask"]).sum())
         total += int(batch["mask"].sum())
@@ -314,5 +315,5 @@ def test_converted_teacher_is_evaluated_and_distilled_from_by_the_trainer(torch,
     config = base_config("digits", teacher="resnet8", student="resnet8", method="kd")
     config.teacher_checkpoint, config.num_train_steps = str(teacher_dir), 2
     config.eval_batch_size = 64
-    summary = train.train_and_evaluate(config, str(tmp_path / "kd"))
+    summary = loop.train_and_evaluate(config, str(tmp_path / "kd"))
     assert summary["last"]["eval/teacher/top1"] == pytest.approx(hits / total)

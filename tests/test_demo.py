@@ -12,7 +12,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from bkd_jax import demo, distillers, train
+from bkd_jax import demo, distillers
+from bkd_jax.training import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 get_config = demo.load_config_file(ROOT / "configs" / "demo.py").get_config
@@ -24,14 +25,14 @@ def test_teacher_config_trains_on_all_digits():
     assert config.dataset.name == "digits" and config.dataset.max_train_examples is None
     assert config.num_epochs == 10
     assert config.optim.decay_epochs == (6, 8, 9)  # 10 * (150, 180, 210) / 240, rounded
-    train.validate_config(config)
+    loop.validate_config(config)
 
 
 @pytest.mark.parametrize("method", distillers.METHODS)
 def test_student_configs_are_valid_and_share_everything_but_the_method(method):
     config = get_config(f"method={method},seed=2")
     config.teacher_checkpoint = "/somewhere"
-    train.validate_config(config)
+    loop.validate_config(config)
     assert config.seed == 2 and config.distill.method == method
     assert config.dataset.max_train_examples == 150 and config.global_batch_size == 32
     assert config.num_epochs == 30

@@ -1,4 +1,4 @@
-"""Tests for bkd_jax.input_pipeline: shapes, normalisation, coverage, determinism, resume."""
+"""Tests for bkd_jax.data.pipeline: shapes, normalisation, coverage, determinism, resume."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
 
-from bkd_jax import input_pipeline
+from bkd_jax.data import datasets, pipeline
 
 CIFAR10_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 CIFAR10_STD = np.array([0.2470, 0.2435, 0.2616], np.float32)
 
 
-def config(name: str, **overrides) -> input_pipeline.ml_collections.ConfigDict:
-    ds_config = input_pipeline.default_dataset_config(name)
+def config(name: str, **overrides) -> pipeline.ml_collections.ConfigDict:
+    ds_config = datasets.default_dataset_config(name)
     ds_config.update(overrides)
     return ds_config
 
@@ -70,7 +70,7 @@ def numbered_folder(tmp_path) -> str:
     return write_images(tmp_path, images)
 
 
-def numbered_config(root: str, **overrides) -> input_pipeline.ml_collections.ConfigDict:
+def numbered_config(root: str, **overrides) -> pipeline.ml_collections.ConfigDict:
     return config(
         "image_folder",
         data_dir=root,
@@ -84,18 +84,16 @@ def numbered_config(root: str, **overrides) -> input_pipeline.ml_collections.Con
 
 def test_cifar100_info_counts_mock_examples_and_caps():
     with tfds.testing.mock_data(num_examples=9):
-        info = input_pipeline.dataset_info(config("cifar100"))
-        capped = input_pipeline.dataset_info(config("cifar100", max_train_examples=5))
-    assert info == input_pipeline.DatasetInfo(100, (32, 32, 3), 9, 9)
+        info = pipeline.dataset_info(config("cifar100"))
+        capped = pipeline.dataset_info(config("cifar100", max_train_examples=5))
+    assert info == datasets.DatasetInfo(100, (32, 32, 3), 9, 9)
     assert (capped.num_train, capped.num_eval) == (5, 9)
-    assert input_pipeline.steps_per_epoch(info, global_batch_size=4) == 2
+    assert pipeline.steps_per_epoch(info, global_batch_size=4) == 2
 
 
 def test_train_batches_shapes_dtypes_and_label_range():
     with tfds.testing.mock_data(num_examples=10):
-        batches = take(
-            input_pipeline.train_batches(config("cifar10"), global_batch_size=4, seed=0), 3
-        )
+        batches = take(pipeline.train_batches(config("cifar10"), global_batch_size=4, seed=0), 3)
     for batch in batches:
         assert batch.keys() == {"image", "label"}
         assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
@@ -106,7 +104,7 @@ def test_train_batches_shapes_dtypes_and_label_range():
 def test_eval_is_the_normalised_split_once_with_masked_padding():
     with tfds.testing.mock_data(num_examples=10):
         reference = list(tfds.builder("cifar10").as_dataset(split="test").as_numpy_iterator())
-        batches = list(input_pipeline.eval_batches(config("cifar10"), global_batch_size=4))
+        batches = list(pipeline.eval_batches(config("cifar10"), global_batch_size=4))
     assert len(batches) == 3
     np.testing.assert_array_equal(
         np.concatenate([b["mask"] for b in batches]), [True] * 10 + [False] * 2
@@ -123,7 +121,7 @@ def test_train_stream_is_determined_by_the_seed():
         ds_config = config("cifar10")
 
         def stream(seed):
-            return take(input_pipeline.train_batches(ds_config, global_batch_size=4, seed=seed), 3)
+            return take(pipeline.train_batches(ds_config, global_batch_size=4, seed=seed), 3)
 
         first, again, other = stream(0), stream(0), stream(1)
     assert_same_batches(first, again)
@@ -135,8 +133,8 @@ def test_resume_yields_the_tail_of_the_uninterrupted_stream(start_step):
     # 10 examples, global batch 4: 2 steps per epoch; step 3 is mid-epoch, step 4 starts one.
     with tfds.testing.mock_data(num_examples=10):
         ds_config = config("cifar10")
-        full = take(input_pipeline.train_batches(ds_config, global_batch_size=4, seed=7), 7)
-        resumed = input_pipeline.train_batches(
+        full = take(pipeline.train_batches(ds_config, global_batch_size=4, seed=7), 7)
+        resumed = pipeline.train_batches(
             ds_config, global_batch_size=4, seed=7, start_step=start_step
         )
         tail = take(resumed, 7 - start_step)
@@ -156,7 +154,7 @@ def test_crop_flip_crops_the_zero_padded_original(tmp_path):
         mean=tuple(CIFAR10_MEAN),
         std=tuple(CIFAR10_STD),
     )
-    batches = take(input_pipeline.train_batches(ds_config, global_batch_size=4, seed=0), 4)
+    batches = take(pipeline.train_batches(ds_config, global_batch_size=4, seed=0), 4)
     padded = [normalise(np.pad(o, [(4, 4), (4, 4), (0, 0)])) for o in originals]
     views = set()
     for image in np.concatenate([b["image"] for b in batches]):
@@ -177,8 +175,8 @@ def test_inception_output_shapes_on_non_square_images(tmp_path):
     images = [rng.integers(0, 256, (40, 24, 3), np.uint8) for _ in range(3)]
     root = write_images(tmp_path, {"train": {"a": images, "b": images}, "test": {"a": images}})
     ds_config = config("image_folder", data_dir=root, image_size=16)
-    (train,) = take(input_pipeline.train_batches(ds_config, global_batch_size=6, seed=0), 1)
-    (evaluated,) = input_pipeline.eval_batches(ds_config, global_batch_size=4)
+    (train,) = take(pipeline.train_batches(ds_config, global_batch_size=6, seed=0), 1)
+    (evaluated,) = pipeline.eval_batches(ds_config, global_batch_size=4)
     assert train["image"].shape == (6, 16, 16, 3)
     assert evaluated["image"].shape == (4, 16, 16, 3)
     assert evaluated["mask"].tolist() == [True, True, True, False]
@@ -186,10 +184,8 @@ def test_inception_output_shapes_on_non_square_images(tmp_path):
 
 def test_image_folder_classes_counts_and_exact_eval(numbered_folder):
     ds_config = numbered_config(numbered_folder)
-    assert input_pipeline.dataset_info(ds_config) == input_pipeline.DatasetInfo(
-        3, (32, 32, 3), 10, 7
-    )
-    batches = list(input_pipeline.eval_batches(ds_config, global_batch_size=4))
+    assert pipeline.dataset_info(ds_config) == datasets.DatasetInfo(3, (32, 32, 3), 10, 7)
+    batches = list(pipeline.eval_batches(ds_config, global_batch_size=4))
     mask = np.concatenate([b["mask"] for b in batches])
     ids = [identify(im) for im in np.concatenate([b["image"] for b in batches])[mask]]
     labels = np.concatenate([b["label"] for b in batches])[mask]
@@ -201,7 +197,7 @@ def test_two_hosts_read_disjoint_training_shards(numbered_folder):
     ds_config = numbered_config(numbered_folder)
     seen = []
     for host in range(2):
-        batches = input_pipeline.train_batches(
+        batches = pipeline.train_batches(
             ds_config, global_batch_size=4, seed=0, process_index=host, process_count=2
         )
         images = np.concatenate([b["image"] for b in take(batches, 6)])  # 3 epochs
@@ -215,7 +211,7 @@ def test_two_hosts_evaluate_everything_once_in_equal_batch_counts(numbered_folde
     ds_config = numbered_config(numbered_folder)
     per_host = [
         list(
-            input_pipeline.eval_batches(
+            pipeline.eval_batches(
                 ds_config, global_batch_size=4, process_index=host, process_count=2
             )
         )
@@ -235,7 +231,7 @@ def test_digits_split_is_fixed_and_covers_the_data_set():
     from sklearn.datasets import load_digits
 
     ds_config = config("digits", mean=(0.0,) * 3, std=(1.0,) * 3)
-    info = input_pipeline.dataset_info(ds_config)
+    info = pipeline.dataset_info(ds_config)
     assert (info.num_classes, info.image_shape, info.num_train + info.num_eval) == (
         10,
         (8, 8, 3),
@@ -244,7 +240,7 @@ def test_digits_split_is_fixed_and_covers_the_data_set():
     passes = []
     for split in ("train", "test", "train"):
         ds_config.eval_split = split
-        batches = list(input_pipeline.eval_batches(ds_config, global_batch_size=512))
+        batches = list(pipeline.eval_batches(ds_config, global_batch_size=512))
         mask = np.concatenate([b["mask"] for b in batches])
         passes.append(
             (
@@ -267,7 +263,7 @@ def test_digits_split_is_fixed_and_covers_the_data_set():
 
 def test_digits_resized_to_image_size():
     ds_config = config("digits", image_size=16)
-    (batch,) = take(input_pipeline.train_batches(ds_config, global_batch_size=8, seed=0), 1)
+    (batch,) = take(pipeline.train_batches(ds_config, global_batch_size=8, seed=0), 1)
     assert batch["image"].shape == (8, 16, 16, 3)
 
 
@@ -282,7 +278,7 @@ def test_real_cifar10_jpegs_as_an_image_folder(shared_data, tmp_path):
             and pathlib.Path(m.name).stem in ("0000", "0001", "0002")
         ]
         archive.extractall(tmp_path, members=members, filter="data")
-    cifar10 = input_pipeline.default_dataset_config("cifar10")
+    cifar10 = datasets.default_dataset_config("cifar10")
     ds_config = config(
         "image_folder",
         data_dir=str(tmp_path),
@@ -291,12 +287,10 @@ def test_real_cifar10_jpegs_as_an_image_folder(shared_data, tmp_path):
         mean=cifar10.mean,
         std=cifar10.std,
     )
-    assert input_pipeline.dataset_info(ds_config) == input_pipeline.DatasetInfo(
-        2, (32, 32, 3), 6, 6
-    )
-    (train,) = take(input_pipeline.train_batches(ds_config, global_batch_size=6, seed=0), 1)
+    assert pipeline.dataset_info(ds_config) == datasets.DatasetInfo(2, (32, 32, 3), 6, 6)
+    (train,) = take(pipeline.train_batches(ds_config, global_batch_size=6, seed=0), 1)
     assert train["image"].shape == (6, 32, 32, 3)
-    (evaluated,) = input_pipeline.eval_batches(ds_config, global_batch_size=8)
+    (evaluated,) = pipeline.eval_batches(ds_config, global_batch_size=8)
     images = evaluated["image"][evaluated["mask"]]
     expected = {
         (name == "dog"): [
@@ -312,9 +306,9 @@ def test_real_cifar10_jpegs_as_an_image_folder(shared_data, tmp_path):
 
 def test_unknown_dataset_and_augmentation_are_rejected():
     with pytest.raises(ValueError, match=r"unknown dataset 'mnist'.*cifar100"):
-        input_pipeline.default_dataset_config("mnist")
+        datasets.default_dataset_config("mnist")
     with pytest.raises(ValueError, match=r"unknown augmentation 'mixup'.*crop_flip"):
-        input_pipeline.dataset_info(config("digits", augment="mixup"))
+        pipeline.dataset_info(config("digits", augment="mixup"))
 
 
 @pytest.mark.parametrize("name", ["cifar100", "imagenet2012"])
@@ -322,23 +316,23 @@ def test_missing_tfds_dataset_names_it_and_the_data_dir(tmp_path, name):
     with pytest.raises(
         ValueError, match=f"'{name}' is not prepared in data_dir {tmp_path}"
     ) as error:
-        input_pipeline.dataset_info(config(name, data_dir=str(tmp_path)))
+        pipeline.dataset_info(config(name, data_dir=str(tmp_path)))
     assert f"tfds build {name} --data_dir={tmp_path}" in str(error.value)
     assert ("downloads/manual" in str(error.value)) == (name == "imagenet2012")
 
 
 def test_missing_image_folder_or_split_folder(tmp_path, numbered_folder):
     with pytest.raises(ValueError, match="is not a directory"):
-        input_pipeline.dataset_info(config("image_folder", data_dir=str(tmp_path / "absent")))
+        pipeline.dataset_info(config("image_folder", data_dir=str(tmp_path / "absent")))
     with pytest.raises(ValueError, match=r"no split folder 'validation'.*\['test', 'train'\]"):
-        input_pipeline.dataset_info(numbered_config(numbered_folder, eval_split="validation"))
+        pipeline.dataset_info(numbered_config(numbered_folder, eval_split="validation"))
 
 
 def test_batch_size_errors():
     ds_config = config("digits")
     with pytest.raises(ValueError, match="multiple of the 2 processes"):
-        input_pipeline.train_batches(
+        pipeline.train_batches(
             ds_config, global_batch_size=5, seed=0, process_index=0, process_count=2
         )
     with pytest.raises(ValueError, match="exceeds the 1437 training examples"):
-        input_pipeline.train_batches(ds_config, global_batch_size=2048, seed=0)
+        pipeline.train_batches(ds_config, global_batch_size=2048, seed=0)

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from bkd_jax import checkpointing, train
+from bkd_jax.training import checkpointing, loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Optimisation level 1 compiles faster on CPU than the default and runs these steps about as
@@ -116,7 +116,7 @@ def runs(tmp_path_factory) -> dict:
         first_output = finish(first, logs["first"])
         stopped_at = max(logged_steps(resumed))
         saved_at_stop = sorted(p.name for p in (resumed / checkpointing.LATEST_DIR).iterdir())
-        had_results = (resumed / train.RESULTS_FILE).exists()
+        had_results = (resumed / loop.RESULTS_FILE).exists()
         second = start(main_command(config_file, resumed, *OVERRIDES), logs["second"])
         second_output = finish(second, logs["second"])
         reference_output = finish(reference, logs["reference"])
@@ -158,7 +158,7 @@ def test_resumed_run_matches_the_uninterrupted_one(runs):
     for key, value in want_leaves.items():
         np.testing.assert_array_equal(got_leaves[key], value, err_msg=key)
 
-    results = [json.loads((w / train.RESULTS_FILE).read_text()) for w in (resumed, uninterrupted)]
+    results = [json.loads((w / loop.RESULTS_FILE).read_text()) for w in (resumed, uninterrupted)]
     assert results[0] == results[1]
     assert results[0]["last"]["eval/count"] == 360
 
@@ -167,7 +167,7 @@ def test_console_shows_progress_and_final_accuracies_without_library_chatter(run
     output = runs["reference_output"]
     assert f"step {STEPS}/{STEPS} (100.0%) |" in output
     assert " img/s | ETA 0:00:00 | loss " in output
-    results = json.loads((runs["uninterrupted"] / train.RESULTS_FILE).read_text())
+    results = json.loads((runs["uninterrupted"] / loop.RESULTS_FILE).read_text())
     best, last = results["best"]["eval/student/top1"], results["last"]["eval/student/top1"]
     assert f"Student top-1: best {100 * best:.2f}% (step {STEPS}, " in output
     assert f"last {100 * last:.2f}%" in output

@@ -1,4 +1,4 @@
-"""Tests for bkd_jax.metric_writers: exact JSON lines, TensorBoard scalars read back, and
+"""Tests for bkd_jax.training.metric_writers: exact JSON lines, TensorBoard scalars read back, and
 silence on processes other than 0."""
 
 import json
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bkd_jax import metric_writers
+from bkd_jax.training import metric_writers
 
 
 def test_jsonl_lines_are_exact_and_appended_across_writers(tmp_path):

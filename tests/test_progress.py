@@ -1,11 +1,11 @@
-"""Tests for bkd_jax.progress: durations, images/s and ETA under a fake clock, and the two
+"""Tests for bkd_jax.training.progress: durations, images/s and ETA under a fake clock, and the two
 output styles (redrawn line on a terminal, plain periodic lines elsewhere)."""
 
 import io
 
 import pytest
 
-from bkd_jax import progress
+from bkd_jax.training import progress
 
 
 class FakeClock:

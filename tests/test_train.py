@@ -1,5 +1,6 @@
-"""End-to-end tests of bkd_jax.train: every method on 8 devices, the sharded step against the
-single-device one, a real CIFAR-10 run, and the errors bad inputs get before any compute.
+"""End-to-end tests of bkd_jax.training.loop: every method on 8 devices, the sharded step
+against the single-device one, a real CIFAR-10 run, and the errors bad inputs get
+before any compute.
 
 JAX fixes its device count when it starts, so the 8-device tests run this file as a script
 in one subprocess (`_eight_device_driver`) that trains every method in turn, and the tests
@@ -22,8 +23,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from bkd_jax import checkpointing, distillers, models, optim, sharding, steps, train
+from bkd_jax import distillers, models, optim, steps
 from bkd_jax.config_defaults import base_config
+from bkd_jax.training import checkpointing, loop, sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Examples per split of the mocked CIFAR-10: 2 steps of 16 per epoch (12 dropped); the
@@ -100,8 +102,8 @@ def _one_step_on(devices, distiller, optimizer, state, teacher_vars, batch, eval
     mesh = sharding.make_mesh(devices)
     repl = sharding.replicated(mesh)
     warmup = functools.partial(distillers.warmup_factor, steps_per_epoch=1, warmup_epochs=2)
-    train_step = train.jit_train_step(distiller, optimizer, warmup, mesh)
-    eval_step = train.jit_eval_step(distiller, mesh)
+    train_step = loop.jit_train_step(distiller, optimizer, warmup, mesh)
+    eval_step = loop.jit_eval_step(distiller, mesh)
     global_batch = sharding.global_batch(batch, mesh)
     teacher_vars = jax.device_put(teacher_vars, repl)
     new_state, metrics = train_step(jax.device_put(state, repl), teacher_vars, global_batch)
@@ -133,7 +135,7 @@ def _compare_sharded_with_single_device(out: pathlib.Path, runs: pathlib.Path) -
     )
     on_host = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     checkpointer = checkpointing.Checkpointer(
-        runs / "blockkd", save_interval_steps=1, best_metric=train.BEST_METRIC
+        runs / "blockkd", save_interval_steps=1, best_metric=loop.BEST_METRIC
     )
     state, _ = checkpointer.restore(
         jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on_host), abstract)
@@ -160,14 +162,14 @@ def _eight_device_driver(out: pathlib.Path) -> None:
         config = mock_cifar10_config("ce")
         config.global_batch_size = 12
         try:
-            train.train_and_evaluate(config, str(out / "batch12"))
+            loop.train_and_evaluate(config, str(out / "batch12"))
         except ValueError as e:
             (out / "batch12_error.txt").write_text(str(e))
         else:
             (out / "batch12_error.txt").write_text("no error")
         for method in EVALUATED:
             teacher = None if method == "ce" else str(out / "ce")
-            train.train_and_evaluate(mock_cifar10_config(method, teacher), str(out / method))
+            loop.train_and_evaluate(mock_cifar10_config(method, teacher), str(out / method))
     (out / "steps").mkdir()
     _compare_sharded_with_single_device(out / "steps", out)
 
@@ -194,7 +196,7 @@ def eight_devices(tmp_path_factory) -> pathlib.Path:
 @pytest.mark.parametrize("method", list(EVALUATED))
 def test_every_method_trains_evaluates_and_checkpoints_on_eight_devices(eight_devices, method):
     workdir = eight_devices / method
-    results = json.loads((workdir / train.RESULTS_FILE).read_text())
+    results = json.loads((workdir / loop.RESULTS_FILE).read_text())
     assert results["steps"] == results["total_steps"] == MOCK_STEPS
     assert results["last"]["step"] == MOCK_STEPS
     models_evaluated = {k.split("/")[1] for k in results["last"] if k.endswith("/top1")}
@@ -222,9 +224,9 @@ def test_every_method_trains_evaluates_and_checkpoints_on_eight_devices(eight_de
 
 def test_students_are_distilled_from_the_given_teacher(eight_devices):
     """Each distilling run evaluates the ce run's best checkpoint as its teacher."""
-    ce_best = json.loads((eight_devices / "ce" / train.RESULTS_FILE).read_text())["best"]
+    ce_best = json.loads((eight_devices / "ce" / loop.RESULTS_FILE).read_text())["best"]
     for method in ("kd", "dkd", "blockkd", "blockkd_lite"):
-        last = json.loads((eight_devices / method / train.RESULTS_FILE).read_text())["last"]
+        last = json.loads((eight_devices / method / loop.RESULTS_FILE).read_text())["last"]
         assert last["eval/teacher/top1"] == ce_best["eval/student/top1"], method
         assert last["eval/teacher/top5"] == ce_best["eval/student/top5"], method
 
@@ -295,7 +297,7 @@ def test_learns_real_cifar10_jpegs(shared_data, tmp_path):
     config.eval_every_epochs = 100  # once, at the end
     config.tensorboard = False
 
-    results = train.train_and_evaluate(config, str(tmp_path / "run"))
+    results = loop.train_and_evaluate(config, str(tmp_path / "run"))
 
     last = results["last"]
     assert last["eval/count"] == 1000
@@ -406,7 +408,7 @@ def test_bad_config_is_rejected_before_compute_and_writes_nothing(
 ):
     config, message = bad_config(tmp_path, resnet8_checkpoint)
     with pytest.raises(ValueError, match=message):
-        train.train_and_evaluate(config, str(tmp_path / "run"))
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
 
@@ -414,7 +416,7 @@ def test_workdir_of_another_config_is_refused_and_kept(tmp_path, no_compute):
     """A workdir with a checkpoint and the config of another run is neither used nor touched."""
     workdir = tmp_path / "run"
     first = digits_config()
-    checkpointing.check_or_write_config(workdir, first.to_dict(), ignore=train.COSMETIC_KEYS)
+    checkpointing.check_or_write_config(workdir, first.to_dict(), ignore=loop.COSMETIC_KEYS)
     checkpointer = checkpointing.Checkpointer(workdir, save_interval_steps=1)
     checkpointer.save(3, {"w": np.ones(2, np.float32)}, {"history": []})
     checkpointer.close()
@@ -425,7 +427,7 @@ def test_workdir_of_another_config_is_refused_and_kept(tmp_path, no_compute):
     second.seed = 1
     second.log_every_steps = 7  # cosmetic: not reported
     with pytest.raises(ValueError, match="differs from the one this workdir") as error:
-        train.train_and_evaluate(second, str(workdir))
+        loop.train_and_evaluate(second, str(workdir))
 
     assert "seed: 0 -> 1" in str(error.value)
     assert "log_every_steps" not in str(error.value)

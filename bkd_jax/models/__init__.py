@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from bkd_jax.blockwise import BlockNet
+from bkd_jax.blocknet import BlockNet
 from bkd_jax.models import (
     mobilenetv1,
     mobilenetv2,

@@ -23,7 +23,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bkd_jax.blockwise import BlockNet
+from bkd_jax.blocknet import BlockNet
 from bkd_jax.models.layers import batch_norm, conv
 
 # (expand, channels, units, stride) of each group, before width scaling; None = the

@@ -13,7 +13,7 @@ import functools
 
 import jax.numpy as jnp
 
-from bkd_jax.blockwise import BlockNet
+from bkd_jax.blocknet import BlockNet
 from bkd_jax.models.layers import ClassifierHead
 from bkd_jax.models.resnet_units import BasicBlock, Bottleneck, Stage
 

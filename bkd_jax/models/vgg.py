@@ -24,7 +24,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bkd_jax.blockwise import BlockNet
+from bkd_jax.blocknet import BlockNet
 from bkd_jax.models.layers import ClassifierHead, batch_norm, conv, max_pool
 
 

@@ -15,7 +15,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bkd_jax.blockwise import BlockNet
+from bkd_jax.blocknet import BlockNet
 from bkd_jax.models.layers import batch_norm, conv
 
 STEM_CHANNELS = 16

@@ -18,33 +18,7 @@ Evaluation covers every example of the eval split exactly once: each host pads i
 with blank examples whose ``mask`` is False, up to the same number of batches on every
 host.
 
-Config (`config.dataset`; `default_dataset_config(name)` fills in the defaults):
-  name: one of `DATASETS`: "cifar100", "cifar10", "imagenet2012" (TFDS), "image_folder"
-    (``data_dir/<split>/<class>/<image>``, read with `tfds.folder_dataset.ImageFolder`;
-    classes are the sorted folder names) or "digits" (scikit-learn's 1797 8x8 grey
-    digits, a fixed split of 1437 train / 360 test, values scaled from 0..16 to [0, 1]).
-  data_dir: TFDS data dir (None: TFDS's default) or the image folder root. Default None.
-  train_split, eval_split: whole split names. Default "train" / "test"
-    ("train" / "validation" for imagenet2012).
-  image_size: side of the square output images. Default 32 (CIFAR), 224 (imagenet2012,
-    image_folder), 8 (digits).
-  augment: one of `AUGMENTATIONS`. "crop_flip": pad 4 zero pixels, random crop
-    image_size, random horizontal flip (mdistiller's CIFAR recipe). "inception": random
-    resized crop (area 8%..100%, aspect 3/4..4/3) to image_size, random flip; evaluation
-    then resizes the shorter side to image_size * 256 / 224 and takes the centre crop.
-    "none". Default "crop_flip" (CIFAR), "inception" (imagenet2012, image_folder),
-    "none" (digits). Without "inception", images are resized to image_size (a no-op when
-    they already have that size).
-  mean, std: per-channel statistics of [0, 1] pixels used to normalise. Default the data
-    set's own (ImageNet's for image_folder).
-  shuffle_buffer: tf.data shuffle buffer (examples); a buffer at least as large as a
-    host's slice gives a uniform permutation. Default 50_000 (CIFAR), 16_384 (imagenet2012,
-    image_folder), 2_048 (digits).
-  max_train_examples, max_eval_examples: use only the first that many examples of a split
-    (quick runs, tests). Default None (all).
-
-All images have 3 channels (grey ones are repeated); batches are
-``{"image": float32 [B, H, W, 3], "label": int32 [B]}`` plus ``"mask": bool [B]`` for eval.
+Config: `config.dataset`, documented in `bkd_jax.data.datasets`.
 """
 
 from __future__ import annotations
@@ -53,70 +27,20 @@ import itertools
 import math
 import pathlib
 from collections.abc import Iterator
-from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from ml_collections import config_dict
+
+from bkd_jax.data.datasets import AUGMENTATIONS, DATASETS, DatasetInfo, check_choice
 
 # JAX owns the accelerators; tf.data runs on the host CPU only.
 tf.config.set_visible_devices([], "GPU")
 
-DATASETS = ("cifar100", "cifar10", "imagenet2012", "image_folder", "digits")
-AUGMENTATIONS = ("none", "crop_flip", "inception")
-
-_CIFAR = {"image_size": 32, "augment": "crop_flip", "shuffle_buffer": 50_000}
-_IMAGENET_STATS = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-_LARGE = {"image_size": 224, "augment": "inception", "shuffle_buffer": 16_384}
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    "cifar100": {
-        **_CIFAR,
-        "mean": (0.5071, 0.4867, 0.4408),
-        "std": (0.2675, 0.2565, 0.2761),
-    },
-    "cifar10": {**_CIFAR, "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616)},
-    "imagenet2012": {**_LARGE, **_IMAGENET_STATS, "eval_split": "validation"},
-    "image_folder": {**_LARGE, **_IMAGENET_STATS},
-    # Statistics of all 1797 digits scaled to [0, 1].
-    "digits": {
-        "image_size": 8,
-        "augment": "none",
-        "shuffle_buffer": 2_048,
-        "mean": (0.3053,) * 3,
-        "std": (0.3760,) * 3,
-    },
-}
-
 _CROP_PADDING = 4
 _DIGITS_NUM_TEST = 360
-
-
-class DatasetInfo(NamedTuple):
-    """What the model and the loop need to know about a data set (after max_* caps)."""
-
-    num_classes: int
-    image_shape: tuple[int, int, int]
-    num_train: int
-    num_eval: int
-
-
-def default_dataset_config(name: str) -> ml_collections.ConfigDict:
-    """The `config.dataset` for data set `name`, with the defaults documented above."""
-    _check_choice("dataset", name, DATASETS)
-    return ml_collections.ConfigDict(
-        {
-            "name": name,
-            "data_dir": config_dict.placeholder(str),
-            "train_split": "train",
-            "eval_split": "test",
-            "max_train_examples": config_dict.placeholder(int),
-            "max_eval_examples": config_dict.placeholder(int),
-            **_DEFAULTS[name],
-        }
-    )
 
 
 def dataset_info(ds_config: ml_collections.ConfigDict) -> DatasetInfo:
@@ -357,8 +281,8 @@ _Source = _TfdsSource | _FolderSource | _DigitsSource
 
 def _source(ds_config: ml_collections.ConfigDict) -> _Source:
     """The validated source `ds_config` names."""
-    _check_choice("dataset", ds_config.name, DATASETS)
-    _check_choice("augmentation", ds_config.augment, AUGMENTATIONS)
+    check_choice("dataset", ds_config.name, DATASETS)
+    check_choice("augmentation", ds_config.augment, AUGMENTATIONS)
     if ds_config.name == "image_folder":
         return _FolderSource(ds_config.data_dir)
     if ds_config.name == "digits":
@@ -458,11 +382,6 @@ def _eval_preprocess(source: _Source, ds_config: ml_collections.ConfigDict):
 
 # ---------------------------------------------------------------------------------------
 # Small helpers.
-
-
-def _check_choice(kind: str, value: str, known: tuple[str, ...]) -> None:
-    if value not in known:
-        raise ValueError(f"unknown {kind} {value!r}; known: {', '.join(known)}")
 
 
 def _deterministic() -> tf.data.Options:

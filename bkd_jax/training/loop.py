@@ -30,17 +30,11 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from bkd_jax import (
-    checkpointing,
-    distillers,
-    input_pipeline,
-    models,
-    optim,
-    sharding,
-    steps,
-)
-from bkd_jax.metric_writers import MetricWriter
-from bkd_jax.progress import Progress
+from bkd_jax import distillers, models, optim, steps
+from bkd_jax.data import datasets, pipeline
+from bkd_jax.training import checkpointing, sharding
+from bkd_jax.training.metric_writers import MetricWriter
+from bkd_jax.training.progress import Progress
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BEST_METRIC = "eval/student/top1"
@@ -128,9 +122,7 @@ def jit_eval_step(distiller: distillers.Distiller, mesh: Mesh) -> Callable:
 def evaluate(eval_step, state, teacher_vars, config, mesh) -> dict[str, float]:
     """Top-1/top-5 of every evaluated model over the whole eval split."""
     sums = None
-    for local in input_pipeline.eval_batches(
-        config.dataset, global_batch_size=config.eval_batch_size
-    ):
+    for local in pipeline.eval_batches(config.dataset, global_batch_size=config.eval_batch_size):
         out = eval_step(state, teacher_vars, sharding.global_batch(local, mesh))
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = jax.device_get(sums)
@@ -149,7 +141,7 @@ def _summary(history: list[dict[str, float]]) -> dict[str, Any]:
 class _Setup(NamedTuple):
     """What a config builds before any compute: everything checked, nothing written."""
 
-    info: input_pipeline.DatasetInfo
+    info: datasets.DatasetInfo
     mesh: Mesh
     steps_per_epoch: int
     total_steps: int
@@ -162,11 +154,11 @@ class _Setup(NamedTuple):
 def _set_up(config: ml_collections.ConfigDict) -> _Setup:
     """Validates `config` against the data, the devices and the checkpoints it names."""
     validate_config(config)
-    info = input_pipeline.dataset_info(config.dataset)
+    info = pipeline.dataset_info(config.dataset)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.global_batch_size, mesh, "config.global_batch_size")
     sharding.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
-    steps_per_epoch = input_pipeline.steps_per_epoch(info, config.global_batch_size)
+    steps_per_epoch = pipeline.steps_per_epoch(info, config.global_batch_size)
     if steps_per_epoch < 1:
         raise ValueError(
             f"config.global_batch_size {config.global_batch_size} exceeds the "
@@ -293,7 +285,7 @@ def _train(
     )
     train_step = jit_train_step(setup.distiller, setup.optimizer, warmup, setup.mesh)
     start = step = int(state.step)
-    batches = input_pipeline.train_batches(
+    batches = pipeline.train_batches(
         config.dataset,
         global_batch_size=config.global_batch_size,
         seed=config.seed,

@@ -1,0 +1,142 @@
+"""The BlockNet contract: a network as n blocks and a head, each a pure function.
+
+A `BlockNet` is a network seen as n blocks and a head, each a Flax module with its own
+slice of the variables (``variables[collection]["block3"]``, ``[...]["head"]``). Every
+part is applied as a pure function of ``(variables, h)``, so a prefix of one network, a
+connector and a suffix of another compose as a plain, jittable function chain. Every zoo
+model is a BlockNet; `bkd_jax.blockwise` builds the stepping-stones from two of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+Variables = Mapping[str, Any]
+
+
+def _part(variables: Variables, name: str) -> dict[str, Any]:
+    """The variables of one part (a block or the head), collection by collection."""
+    return {col: tree[name] for col, tree in variables.items() if name in tree}
+
+
+def with_part(variables: Variables, name: str, updates: Mapping[str, Any]) -> dict[str, Any]:
+    """`variables` with the collections in `updates` replaced for part `name`."""
+    new = {col: dict(tree) for col, tree in variables.items()}
+    for col, tree in updates.items():
+        new.setdefault(col, {})[name] = tree
+    return new
+
+
+def apply_part(module: nn.Module, variables: Variables, name: str, h: jax.Array, *, train: bool):
+    """Applies one named part; returns `y`, or `(y, new_variables)` when training."""
+    part = _part(variables, name)
+    if not train:
+        return module.apply(part, h, train=False)
+    y, updates = module.apply(part, h, train=True, mutable=["batch_stats"])
+    return y, with_part(variables, name, updates)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockNet:
+    """A network as n blocks and a head, each applied as a pure function.
+
+    Attributes:
+      name: registry name of the architecture.
+      blocks: the n block modules; block 1 includes the stem.
+      head: everything after the last block (pooling, final norm, classifier).
+      post_activation: whether block outputs are post-ReLU (ResNet v1, VGG, MobileNet,
+        ShuffleNet) rather than pre-activation (WRN); connectors mirror it.
+      input_channels: channels the stem expects (last axis of NHWC input).
+    """
+
+    name: str
+    blocks: tuple[nn.Module, ...]
+    head: nn.Module
+    post_activation: bool = True
+    input_channels: int = 3
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @staticmethod
+    def part_name(i: int) -> str:
+        return f"block{i}"
+
+    def check_input(self, x: jax.Array) -> None:
+        """Raises ValueError unless `x` is an NHWC batch with the expected channels."""
+        if x.ndim != 4:
+            raise ValueError(
+                f"{self.name}: expected images of shape (batch, height, width, "
+                f"{self.input_channels}), got an array of rank {x.ndim} with shape {x.shape}"
+            )
+        if x.shape[-1] != self.input_channels:
+            raise ValueError(
+                f"{self.name}: expected {self.input_channels} input channels (NHWC, channels "
+                f"last), got shape {x.shape}"
+            )
+
+    def _check_index(self, i: int) -> None:
+        if not 1 <= i <= self.num_blocks:
+            raise ValueError(f"{self.name}: block index {i} outside 1..{self.num_blocks}")
+
+    def init(self, key: jax.Array, x: jax.Array) -> dict[str, Any]:
+        """Initialises every part by running `x` through the network once."""
+        self.check_input(x)
+        keys = jax.random.split(key, self.num_blocks + 1)
+        parts = [(self.part_name(i + 1), m) for i, m in enumerate(self.blocks)]
+        parts.append(("head", self.head))
+        variables: dict[str, Any] = {}
+        h = x
+        for (name, module), k in zip(parts, keys):
+            part_vars = module.init(k, h, train=False)
+            h = module.apply(part_vars, h, train=False)
+            variables = with_part(variables, name, part_vars)
+        return variables
+
+    def apply_block(self, variables: Variables, i: int, h: jax.Array, *, train: bool = False):
+        """Block i (1-based). Returns `y`, or `(y, new_variables)` when `train`."""
+        self._check_index(i)
+        if i == 1:
+            self.check_input(h)
+        return apply_part(self.blocks[i - 1], variables, self.part_name(i), h, train=train)
+
+    def apply_head(self, variables: Variables, h: jax.Array, *, train: bool = False):
+        """The head. Returns logits, or `(logits, new_variables)` when `train`."""
+        return apply_part(self.head, variables, "head", h, train=train)
+
+    def apply_range(
+        self, variables: Variables, h: jax.Array, start: int, stop: int, *, train: bool = False
+    ):
+        """Blocks start..stop (inclusive, 1-based); `stop < start` is the identity."""
+        for i in range(start, stop + 1):
+            if train:
+                h, variables = self.apply_block(variables, i, h, train=True)
+            else:
+                h = self.apply_block(variables, i, h)
+        return (h, variables) if train else h
+
+    def features(self, variables: Variables, x: jax.Array, *, train: bool = False):
+        """Logits and the output of every block: `(logits, [f_1..f_n])`, plus variables."""
+        feats = []
+        h = x
+        for i in range(1, self.num_blocks + 1):
+            if train:
+                h, variables = self.apply_block(variables, i, h, train=True)
+            else:
+                h = self.apply_block(variables, i, h)
+            feats.append(h)
+        if train:
+            logits, variables = self.apply_head(variables, h, train=True)
+            return logits, feats, variables
+        return self.apply_head(variables, h), feats
+
+    def apply(self, variables: Variables, x: jax.Array, *, train: bool = False):
+        """Logits, or `(logits, new_variables)` with updated BatchNorm statistics."""
+        out = self.features(variables, x, train=train)
+        return (out[0], out[2]) if train else out[0]
