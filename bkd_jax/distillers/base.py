@@ -9,7 +9,7 @@ Registry (`METHODS`), with the knobs each reads from the `distill` config:
 - ``ce``: cross-entropy only; how teachers are trained.
 - ``kd``: Hinton et al. ``ce_weight * CE + kd_weight * KD(tau)``.
 - ``dkd``: Zhao et al. ``ce_weight * CE + r(t) * DKD(dkd_alpha, dkd_beta, tau)``.
-- ``blockkd``: the Block-KD objective of DESIGN.md (alpha, beta, gamma, tau, distance) over
+- ``blockkd``: the Block-KD objective of docs/method.md (alpha, beta, gamma, tau, distance) over
   the stepping-stones in ``stones`` (default: all 1..n).
 - ``blockkd_lite``: Block-KD over the deepest stones only (default {n-1, n}); set
   ``gamma = 0`` to also drop the cross term.

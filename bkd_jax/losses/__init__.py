@@ -1,5 +1,6 @@
-"""Pure losses, float32 from log-softmax: the logit distances and the Block-KD objective."""
+"""Pure losses in float32: logit distances (`logit`) and the Block-KD objective (`blockkd`)."""
 
-from bkd_jax.losses.logit import DISTANCES, blockkd_loss, cross_entropy, dkd_loss, kd_loss
+from bkd_jax.losses.blockkd import DISTANCES, blockkd_loss
+from bkd_jax.losses.logit import cross_entropy, dkd_loss, kd_loss
 
 __all__ = ["DISTANCES", "blockkd_loss", "cross_entropy", "dkd_loss", "kd_loss"]

@@ -1,4 +1,4 @@
-"""Classification and distillation losses: cross-entropy, KD, DKD and the Block-KD objective.
+"""Logit losses: cross-entropy and the logit distances KD and DKD.
 
 Every loss casts its logits to float32 and works from `jax.nn.log_softmax`, whatever dtype
 the model computed in: bfloat16 log-probabilities of a 100- or 1000-way softmax lose the
@@ -15,14 +15,9 @@ before the softmax; here the target logit is pushed to -1e30 instead, which give
 exactly renormalised non-target distributions in float32 (its probability underflows to
 0) while keeping every log-probability finite, so no gradient is NaN.
 
-`blockkd_loss` is the Block-KD objective of DESIGN.md section 1. The ensemble of the
-stepping-stones is a target, not a prediction: it carries no gradient.
 """
 
 from __future__ import annotations
-
-import functools
-from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +25,6 @@ import jax.numpy as jnp
 # Logit given to masked classes: exp() of it underflows to exactly 0 in float32, while
 # log-probabilities stay finite (an -inf would turn 0 * inf into NaN in the gradients).
 _MASKED_LOGIT = -1e30
-
-DISTANCES = ("kd", "dkd")
 
 
 def _log_probs(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
@@ -49,7 +42,7 @@ def _target_mask(labels: jax.Array, num_classes: int) -> jax.Array:
     return labels[..., None] == jnp.arange(num_classes)
 
 
-def _check_pair(student_logits: jax.Array, teacher_logits: jax.Array, what: str) -> None:
+def check_pair(student_logits: jax.Array, teacher_logits: jax.Array, what: str) -> None:
     if student_logits.ndim < 2:
         raise ValueError(
             f"{what}: logits must have shape (batch..., classes), got {student_logits.shape}."
@@ -60,7 +53,7 @@ def _check_pair(student_logits: jax.Array, teacher_logits: jax.Array, what: str)
         )
 
 
-def _check_labels(logits: jax.Array, labels: jax.Array, what: str) -> None:
+def check_labels(logits: jax.Array, labels: jax.Array, what: str) -> None:
     if labels.shape != logits.shape[:-1]:
         raise ValueError(
             f"{what}: labels must have shape {logits.shape[:-1]} for logits of shape "
@@ -72,14 +65,14 @@ def _check_labels(logits: jax.Array, labels: jax.Array, what: str) -> None:
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Softmax cross-entropy with integer `labels`, averaged over the batch."""
-    _check_labels(logits, labels, "cross_entropy")
+    check_labels(logits, labels, "cross_entropy")
     log_p = _log_probs(logits)
     return -jnp.mean(jnp.take_along_axis(log_p, labels[..., None], axis=-1))
 
 
 def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float) -> jax.Array:
     """Hinton's KD: tau^2 * KL(p_teacher || p_student) at temperature tau."""
-    _check_pair(student_logits, teacher_logits, "kd_loss")
+    check_pair(student_logits, teacher_logits, "kd_loss")
     kl = _kl(_log_probs(teacher_logits, temperature), _log_probs(student_logits, temperature))
     return temperature**2 * kl
 
@@ -119,8 +112,8 @@ def dkd_loss(
     Returns:
       The float32 scalar loss, summed over classes and averaged over the batch.
     """
-    _check_pair(student_logits, teacher_logits, "dkd_loss")
-    _check_labels(student_logits, labels, "dkd_loss")
+    check_pair(student_logits, teacher_logits, "dkd_loss")
+    check_labels(student_logits, labels, "dkd_loss")
     mask = _target_mask(labels, student_logits.shape[-1])
     tckd = _kl(
         _binary_log_probs(_log_probs(teacher_logits, temperature), mask),
@@ -131,124 +124,3 @@ def dkd_loss(
         _non_target_log_probs(student_logits, mask, temperature),
     )
     return temperature**2 * (alpha * tckd + beta * nckd)
-
-
-def _check_blockkd_inputs(
-    student_logits: jax.Array,
-    stone_logits: Mapping[int, jax.Array],
-    teacher_logits: jax.Array,
-    labels: jax.Array,
-    num_blocks: int,
-    distance: str,
-) -> None:
-    what = "blockkd_loss"
-    if distance not in DISTANCES:
-        raise ValueError(f"{what}: unknown distance {distance!r}; expected one of {DISTANCES}.")
-    if not stone_logits:
-        raise ValueError(f"{what}: stone_logits is empty; at least one stepping-stone is needed.")
-    outside = sorted(i for i in stone_logits if not 1 <= i <= num_blocks)
-    if outside:
-        raise ValueError(
-            f"{what}: stepping-stone indices {outside} are outside 1..{num_blocks} (num_blocks)."
-        )
-    _check_pair(student_logits, teacher_logits, f"{what} (student vs teacher)")
-    for i, logits in stone_logits.items():
-        _check_pair(logits, teacher_logits, f"{what} (stone {i} vs teacher)")
-    _check_labels(student_logits, labels, what)
-
-
-def _stone_weight(i: int, num_blocks: int) -> float:
-    """Weight w_i = 1 / 2^(n - i) of stepping-stone i: 1 for N_n, 1/2 for N_{n-1}, ..."""
-    return 2.0 ** (i - num_blocks)
-
-
-def _ensemble_target(stone_logits: Mapping[int, jax.Array]) -> jax.Array:
-    """Y^ens: the float32 mean of the stepping-stones' logits, a target without gradient."""
-    stacked = jnp.stack([jnp.asarray(logits, jnp.float32) for logits in stone_logits.values()])
-    return jax.lax.stop_gradient(jnp.mean(stacked, axis=0))
-
-
-def blockkd_loss(
-    student_logits: jax.Array,
-    stone_logits: Mapping[int, jax.Array],
-    teacher_logits: jax.Array,
-    labels: jax.Array,
-    *,
-    num_blocks: int,
-    temperature: float,
-    alpha: float,
-    beta: float,
-    gamma: float,
-    warmup: float | jax.Array = 1.0,
-    distance: str = "kd",
-    dkd_alpha: float = 1.0,
-    dkd_beta: float = 8.0,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The Block-KD objective (DESIGN.md section 1).
-
-        L_task    = CE(Y^S, y) + sum_i w_i CE(Y^{N_i}, y)
-        L_distill = D(Y^S, Y^T) + sum_i w_i D(Y^{N_i}, Y^T)
-        Y^ens     = stop_gradient(mean_i Y^{N_i})
-        L_cross   = D(Y^S, Y^ens) + sum_i D(Y^{N_i}, Y^ens)
-        L         = alpha L_task + beta warmup L_distill + gamma warmup L_cross
-
-    with w_i = 1 / 2^(num_blocks - i), sums and mean over the stepping-stones present in
-    `stone_logits`, and D the distance: `kd_loss` at `temperature` ("kd") or `dkd_loss`
-    with `dkd_alpha`, `dkd_beta` at `temperature` ("dkd").
-
-    Args:
-      student_logits: (batch..., classes) logits Y^S of the student.
-      stone_logits: {i: logits of stepping-stone N_i}, 1-based, any subset of 1..num_blocks
-        (the lightweight variant passes {n-1, n}).
-      teacher_logits: logits Y^T of the frozen teacher.
-      labels: integer (batch...,) class labels.
-      num_blocks: n, the number of blocks the networks are cut into.
-      temperature: tau of the distance.
-      alpha, beta, gamma: weights of L_task, L_distill, L_cross. A Python `gamma == 0`
-        skips L_cross entirely (it is never computed).
-      warmup: r(t) in [0, 1], the linear warm-up factor of the distillation terms; may be
-        a traced scalar.
-      distance: "kd" or "dkd".
-      dkd_alpha, dkd_beta: DKD's TCKD and NCKD weights when distance is "dkd".
-
-    Returns:
-      `(loss, metrics)`. `metrics` holds float32 scalars: "loss", "task", "distill" and
-      "cross" (the unweighted L_task, L_distill, L_cross; "cross" is 0 when skipped), and
-      the unweighted per-model terms "ce_student", "kd_student", "ce_stone{i}",
-      "kd_stone{i}" (D to the teacher, whichever distance) and, unless gamma is 0,
-      "cross_student" and "cross_stone{i}" (D to the ensemble).
-    """
-    _check_blockkd_inputs(
-        student_logits, stone_logits, teacher_logits, labels, num_blocks, distance
-    )
-    if distance == "kd":
-        dist = functools.partial(kd_loss, temperature=temperature)
-    else:
-        dist = functools.partial(
-            dkd_loss, labels=labels, alpha=dkd_alpha, beta=dkd_beta, temperature=temperature
-        )
-    stones = sorted(stone_logits)
-    metrics = {
-        "ce_student": cross_entropy(student_logits, labels),
-        "kd_student": dist(student_logits, teacher_logits),
-    }
-    for i in stones:
-        metrics[f"ce_stone{i}"] = cross_entropy(stone_logits[i], labels)
-        metrics[f"kd_stone{i}"] = dist(stone_logits[i], teacher_logits)
-
-    def weighted(prefix: str) -> jax.Array:
-        return metrics[f"{prefix}_student"] + sum(
-            _stone_weight(i, num_blocks) * metrics[f"{prefix}_stone{i}"] for i in stones
-        )
-
-    task, distill = weighted("ce"), weighted("kd")
-    cross = jnp.zeros((), jnp.float32)
-    if gamma != 0:
-        ensemble = _ensemble_target(stone_logits)
-        metrics["cross_student"] = dist(student_logits, ensemble)
-        for i in stones:
-            metrics[f"cross_stone{i}"] = dist(stone_logits[i], ensemble)
-        cross = metrics["cross_student"] + sum(metrics[f"cross_stone{i}"] for i in stones)
-    loss = alpha * task + warmup * (beta * distill + gamma * cross)
-    metrics.update(loss=loss, task=task, distill=distill, cross=cross)
-    return loss, metrics
