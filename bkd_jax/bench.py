@@ -48,7 +48,7 @@ _PAIR = flags.DEFINE_string("pair", "resnet32x4:resnet8x4", "teacher:student zoo
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per step.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Side of the square input images.")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 100, "Classifier width.")
-_METHODS = flags.DEFINE_list("methods", list(distillers.METHODS), "Methods to time.")
+_METHODS = flags.DEFINE_list("methods", distillers.available(), "Methods to time.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype of the models.")
 _REMAT = flags.DEFINE_bool("remat", False, "Rematerialise teacher blocks on stone paths.")
 _DONATE = flags.DEFINE_bool("donate", True, "Donate the train state to the step.")
@@ -147,9 +147,7 @@ class Bench:
         }
         teacher = models.get_model(pair[0], classes)
         self.teacher_vars = jax.jit(teacher.init)(teacher_key, self.batch["image"])
-        self.optimizer = optim.make_optimizer(
-            config_defaults.optim_config(0.05, (150, 180, 210), 5e-4), steps_per_epoch=782
-        )
+        self.optim_config = config_defaults.optim_config(0.05, (150, 180, 210), 5e-4)
 
     def distiller(self, v: Variant) -> distillers.Distiller:
         dtype = DTYPES[v.dtype]
@@ -163,9 +161,12 @@ class Bench:
     def compile(self, v: Variant) -> tuple[Any, steps.TrainState, Result]:
         """The compiled step of `v`, a fresh train state for it, and its static measures."""
         distiller = self.distiller(v)
-        init = functools.partial(steps.create_train_state, distiller, self.optimizer)
+        optimizer = optim.make_optimizer(
+            self.optim_config, steps_per_epoch=782, name=distillers.get(v.method).optimizer
+        )
+        init = functools.partial(steps.create_train_state, distiller, optimizer)
         state = jax.jit(init)(jax.random.key(1), self.batch["image"])
-        step = steps.make_train_step(distiller, self.optimizer, lambda s: jnp.float32(1.0))
+        step = steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(1.0))
         lowered = jax.jit(step, donate_argnums=0 if v.donate else ()).lower(
             state, self.teacher_vars, self.batch
         )
@@ -198,7 +199,7 @@ def variants(base: Variant, methods: Sequence[str], ablate: Sequence[str]) -> li
     out = [dataclasses.replace(base, method=m) for m in methods]
     for option in ablate:
         for m in methods:
-            if option not in STONE_OPTIONS or m.startswith("blockkd"):
+            if option not in STONE_OPTIONS or "stones" in distillers.get(m).consumes:
                 out.append(dataclasses.replace(base, method=m).flipped(option))
     return out
 
@@ -296,9 +297,11 @@ def machine() -> str:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    unknown = set(_METHODS.value) - set(distillers.METHODS)
+    unknown = set(_METHODS.value) - set(distillers.available())
     if unknown:
-        raise app.UsageError(f"unknown methods {sorted(unknown)}; known: {distillers.METHODS}")
+        raise app.UsageError(
+            f"unknown methods {sorted(unknown)}; known: {', '.join(distillers.available())}"
+        )
     bad = set(_ABLATE.value) - set(ABLATIONS)
     if bad:
         raise app.UsageError(f"unknown --ablate options {sorted(bad)}; known: {ABLATIONS}")

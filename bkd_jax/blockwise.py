@@ -92,6 +92,44 @@ def _batched_teacher_suffixes(
     return {i: by_stone[i] for i in entries}
 
 
+def stone_logits(
+    student_features: Sequence[jax.Array],
+    teacher: BlockNet,
+    teacher_vars: Variables,
+    connectors,
+    connector_vars: Variables,
+    *,
+    stones: Sequence[int],
+    train: bool,
+    batch_stones: bool = True,
+    remat_teacher: bool = False,
+):
+    """Logits of the stepping-stones N_i for i in `stones`, from the student's block outputs.
+
+    `student_features` are the outputs of the student's native blocks (`BlockNet.features`).
+    Returns `{i: logits}`, and with `train` also the connectors' updated variables.
+    """
+    n = connectors.num_stones
+    for i in stones:
+        if not 1 <= i <= n:
+            raise ValueError(f"stepping-stone index {i} outside 1..{n}")
+    if len(set(stones)) != len(stones):
+        raise ValueError(f"repeated stepping-stone index in {tuple(stones)}")
+    feats = [student_features[c - 1] for c in connectors.student_cuts]
+    entries = {}
+    for i in stones:
+        if train:
+            h, connector_vars = connectors.apply(connector_vars, i, feats[i - 1], train=True)
+        else:
+            h = connectors.apply(connector_vars, i, feats[i - 1])
+        entries[i] = (connectors.teacher_cuts[i - 1] + 1, h)
+    logits = {}
+    if entries:
+        run = _batched_teacher_suffixes if batch_stones else _teacher_suffixes
+        logits = run(teacher, teacher_vars, entries, remat=remat_teacher)
+    return (logits, connector_vars) if train else logits
+
+
 def stepping_stones(
     student: BlockNet,
     student_vars: Variables,
@@ -118,26 +156,14 @@ def stepping_stones(
     recomputes the activations of teacher blocks in the backward pass instead of storing
     them (memory for compute).
     """
-    n = connectors.num_stones
-    for i in stones:
-        if not 1 <= i <= n:
-            raise ValueError(f"stepping-stone index {i} outside 1..{n}")
-    if len(set(stones)) != len(stones):
-        raise ValueError(f"repeated stepping-stone index in {tuple(stones)}")
     if train:
         student_logits, native_feats, student_vars = student.features(student_vars, x, train=True)
     else:
         student_logits, native_feats = student.features(student_vars, x)
+    out = stone_logits(
+        native_feats, teacher, teacher_vars, connectors, connector_vars, stones=stones,
+        train=train, batch_stones=batch_stones, remat_teacher=remat_teacher,
+    )  # fmt: skip
+    logits, connector_vars = out if train else (out, connector_vars)
     feats = tuple(native_feats[c - 1] for c in connectors.student_cuts)
-    entries = {}
-    for i in stones:
-        if train:
-            h, connector_vars = connectors.apply(connector_vars, i, feats[i - 1], train=True)
-        else:
-            h = connectors.apply(connector_vars, i, feats[i - 1])
-        entries[i] = (connectors.teacher_cuts[i - 1] + 1, h)
-    stone_logits = {}
-    if entries:
-        run = _batched_teacher_suffixes if batch_stones else _teacher_suffixes
-        stone_logits = run(teacher, teacher_vars, entries, remat=remat_teacher)
-    return SteppingStoneOutput(student_logits, feats, stone_logits, student_vars, connector_vars)
+    return SteppingStoneOutput(student_logits, feats, logits, student_vars, connector_vars)

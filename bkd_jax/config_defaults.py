@@ -6,9 +6,13 @@ hyperparameter lives in a config, none in code.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
 
+from bkd_jax import distillers
 from bkd_jax.data import datasets
 
 
@@ -23,31 +27,24 @@ def parse_arguments(arg: str | None, defaults: dict[str, str]) -> dict[str, str]
     return args
 
 
+def override(config: ml_collections.ConfigDict, updates: Mapping[str, Any]) -> None:
+    """Sets the fields of nested `updates` in `config`; a field it lacks is a KeyError."""
+    for key, value in updates.items():
+        if isinstance(value, Mapping):
+            override(config[key], value)
+        else:
+            config[key] = value
+
+
 def distill_config(method: str) -> ml_collections.ConfigDict:
-    """Knobs of every distiller (bkd_jax.distillers); unused ones are ignored."""
-    return ml_collections.ConfigDict(
-        {
-            "method": method,  # ce | kd | dkd | blockkd | blockkd_lite
-            "temperature": 4.0,  # tau of KD, DKD and Block-KD's distance
-            "ce_weight": 0.1,  # KD and DKD: weight of the label cross-entropy
-            "kd_weight": 0.9,  # KD: weight of the KD term
-            "dkd_alpha": 1.0,  # DKD (and Block-KD with distance=dkd): TCKD weight
-            "dkd_beta": 8.0,  # DKD: NCKD weight (per-pair values in the configs)
-            "warmup_epochs": 20,  # r(t) of DKD and Block-KD; 0 disables
-            "alpha": 1.0,  # Block-KD: weight of L_task
-            "beta": 1.0,  # Block-KD: weight of L_distill
-            "gamma": 1.0,  # Block-KD: weight of L_cross; 0 drops it (lite option)
-            "distance": "kd",  # Block-KD's logit distance: kd | dkd
-            "stones": (),  # stepping-stones used; () = all (blockkd), {n-1, n} (lite)
-            "grouping": config_dict.placeholder(tuple),  # ((student cuts), (teacher cuts))
-            "upsampling": "nearest",  # connectors' upsampling: nearest | bilinear
-        }
-    )
+    """`config.distill`: the method and its knobs (`bkd_jax.distillers`, one module each)."""
+    return distillers.default_config(method)
 
 
 def optim_config(learning_rate: float, decay_epochs, weight_decay: float):
     return ml_collections.ConfigDict(
         {
+            "name": "sgd",  # sgd | dot (a method may require one: dot requires dot)
             "learning_rate": learning_rate,
             "momentum": 0.9,
             "nesterov": False,
@@ -55,6 +52,7 @@ def optim_config(learning_rate: float, decay_epochs, weight_decay: float):
             "decay_epochs": tuple(decay_epochs),  # learning rate x decay_factor at each
             "decay_factor": 0.1,
             "warmup_epochs": 0.0,  # linear learning-rate warm-up
+            "dot_delta": 0.075,  # DOT's momentum split (mdistiller engine/cfg.py CFG.SOLVER.DOT)
         }
     )
 

@@ -1,9 +1,14 @@
 r"""ImageNet (ILSVRC-2012) with mdistiller's recipe: 100 epochs, batch 512, lr 0.2.
 
-Arguments: pair=r34_r18 (default; torchvision ResNet34 -> ResNet18) or pair=r50_mv1
-(ResNet50 -> MobileNetV1), method (default blockkd). Temperature 1, distillation
-warm-up 1 epoch, KD weights CE:KD 0.5:0.5, DKD beta 0.5 (r34_r18) or 2.0 (r50_mv1).
-Teachers are torchvision's weights, converted with `python -m bkd_jax.convert`.
+Arguments: teacher and student (default imagenet_resnet34 -> imagenet_resnet18; `PAIRS`
+also has imagenet_resnet50 -> imagenet_mobilenetv1), or pair=r34_r18 | r50_mv1 as a
+shorthand; method (default blockkd). SGD lr 0.2, x0.1 at 30/60/90, weight decay 1e-4
+(mdistiller configs/imagenet/r34_r18/*.yaml SOLVER). Per method, from the same files:
+KD temperature 1 and CE:KD weights 0.5:0.5 (kd.yaml; DOT too, dot.yaml, with delta 0.09);
+DKD CE weight 1.0, temperature 1, warm-up 1 epoch and beta 0.5 (r34_r18/dkd.yaml) or 2.0
+(r50_mv1/dkd.yaml); Block-KD temperature 1 and warm-up 1 epoch (our choice, following
+DKD's ImageNet recipe; docs/method.md). Teachers are torchvision's weights, converted with
+`python -m bkd_jax.convert`.
 
 Launch on a TPU VM slice (every host runs the same command; see launch/):
 
@@ -12,37 +17,59 @@ Launch on a TPU VM slice (every host runs the same command; see launch/):
       --config.teacher_checkpoint=gs://BUCKET/teachers/imagenet_resnet34 \
       --workdir=gs://BUCKET/runs/in1k_bkd_r34_r18
 
-Expected (student top-1 from the papers; not yet reproduced with this code): ResNet34
-teacher 73.31; ResNet18 with CE 69.76, KD 70.66, DKD 71.70.
+Expected (student top-1 in %, from mdistiller's README; not yet reproduced with this
+code): ResNet34 teacher 73.31; ResNet18 with CE 69.76, KD 70.66, DKD 71.70, DOT 71.72.
 """
 
 from __future__ import annotations
 
-from bkd_jax.config_defaults import base_config, parse_arguments
+from bkd_jax.config_defaults import base_config, override, parse_arguments
 
-PAIRS = {
-    "r34_r18": ("imagenet_resnet34", "imagenet_resnet18", 0.5),
-    "r50_mv1": ("imagenet_resnet50", "imagenet_mobilenetv1", 2.0),
+PAIRS = (
+    ("imagenet_resnet34", "imagenet_resnet18"),
+    ("imagenet_resnet50", "imagenet_mobilenetv1"),
+)
+SHORTHANDS = dict(zip(("r34_r18", "r50_mv1"), PAIRS))
+_DKD_BETA = dict(zip(PAIRS, (0.5, 2.0)))  # DKD.BETA of mdistiller's <pair>/dkd.yaml
+# ImageNet knobs of each method, for every pair.
+_KD = {"temperature": 1.0, "ce_weight": 0.5, "kd_weight": 0.5}
+_BLOCKKD = {"temperature": 1.0, "warmup_epochs": 1}
+METHOD_KNOBS = {
+    "kd": {"distill": {"kd": _KD}},
+    "dot": {"distill": {"dot": _KD}, "optim": {"dot_delta": 0.09}},
+    "dkd": {"distill": {"dkd": {"temperature": 1.0, "ce_weight": 1.0, "warmup_epochs": 1}}},
+    "blockkd": {"distill": {"blockkd": _BLOCKKD}},
+    "blockkd_lite": {"distill": {"blockkd_lite": _BLOCKKD}},
+}
+PAIR_KNOBS = {
+    "dkd": {pair: {"distill": {"dkd": {"beta": b}}} for pair, b in _DKD_BETA.items()},
+    **{
+        m: {pair: {"distill": {m: {"dkd": {"beta": b}}}} for pair, b in _DKD_BETA.items()}
+        for m in ("blockkd", "blockkd_lite")
+    },
 }
 
 
 def get_config(arg: str | None = None):
-    args = parse_arguments(arg, dict(pair="r34_r18", method="blockkd"))
-    if args["pair"] not in PAIRS:
-        raise ValueError(f"unknown pair {args['pair']!r}; known: {', '.join(PAIRS)}")
-    teacher, student, dkd_beta = PAIRS[args["pair"]]
-    config = base_config("imagenet2012", teacher=teacher, student=student, method=args["method"])
+    args = parse_arguments(
+        arg, dict(pair="", teacher=PAIRS[0][0], student=PAIRS[0][1], method="blockkd")
+    )
+    if args["pair"]:
+        if args["pair"] not in SHORTHANDS:
+            raise ValueError(f"unknown pair {args['pair']!r}; known: {', '.join(SHORTHANDS)}")
+        args["teacher"], args["student"] = SHORTHANDS[args["pair"]]
+    method = args["method"]
+    config = base_config(
+        "imagenet2012", teacher=args["teacher"], student=args["student"], method=method
+    )
     config.optim.learning_rate = 0.2
     config.optim.decay_epochs = (30, 60, 90)
     config.optim.weight_decay = 1e-4
     config.num_epochs = 100
     config.global_batch_size = 512
     config.eval_batch_size = 1024
-    config.distill.temperature = 1.0
-    config.distill.ce_weight = 0.5
-    config.distill.kd_weight = 0.5
-    config.distill.dkd_beta = dkd_beta
-    config.distill.warmup_epochs = 1
+    override(config, METHOD_KNOBS.get(method, {}))
+    override(config, PAIR_KNOBS.get(method, {}).get((args["teacher"], args["student"]), {}))
     config.log_every_steps = 500
     config.checkpoint_every_steps = 2500
     return config

@@ -59,14 +59,14 @@ def setup():
 
 def build(method: str, cfg=(), dtype=jnp.float32, **options) -> distillers.Distiller:
     config = config_defaults.distill_config(method)
-    config.update(dict(cfg))
+    config[method].update(dict(cfg))
     teacher, student = (models.get_model(name, NUM_CLASSES, dtype) for name in PAIR)
     return distillers.make_distiller(config, student, teacher, SHAPE, dtype=dtype, **options)
 
 
 @functools.cache
 def initial_state(method: str, cfg=()) -> steps.TrainState:
-    """A random train state for the student and connectors of `method`."""
+    """A random train state for the student and the modules of `method`."""
     _, batch, optimizer = setup()
     init = functools.partial(steps.create_train_state, build(method, cfg), optimizer)
     return random_like(jax.eval_shape(init, jax.random.key(4), batch["image"]), seed=4)
@@ -74,17 +74,15 @@ def initial_state(method: str, cfg=()) -> steps.TrainState:
 
 @functools.cache
 def loss_and_grads(method: str, cfg=(), dtype=jnp.float32, **options):
-    """((loss, (metrics, student vars, connector vars)), gradients) of the training loss."""
+    """((loss, metrics, student vars, module vars), gradients) of the training loss."""
     distiller, state = build(method, cfg, dtype, **options), initial_state(method, cfg)
     teacher_vars, batch, _ = setup()
 
     def loss(params):
         student_vars = {"params": params["student"], "batch_stats": state.batch_stats["student"]}
-        connector_vars = {
-            "params": params["connectors"],
-            "batch_stats": state.batch_stats["connectors"],
-        }
-        return distiller.loss(student_vars, connector_vars, teacher_vars, batch, jnp.float32(1))
+        module_vars = {"params": params["modules"], "batch_stats": state.batch_stats["modules"]}
+        out, new_vars = distiller.loss(student_vars, module_vars, teacher_vars, batch, 1.0)
+        return out.total, (out.metrics, *new_vars)
 
     return jax.jit(jax.value_and_grad(loss, has_aux=True))(state.params)
 
@@ -101,7 +99,7 @@ def test_fast_step_computes_the_same_loss_gradients_and_statistics(method, cfg):
         np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, atol=1e-7)
     assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
     # Every connector learns: the stones' gradients pass through the teacher.
-    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["connectors"]))
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["modules"]))
     pairs = zip(jax.tree.leaves((grads, new_vars)), jax.tree.leaves((ref_grads, ref_new_vars)))
     for got, want in pairs:
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
@@ -132,7 +130,7 @@ def test_step_emits_each_convolution_once_and_no_teacher_weight_gradient(batch_s
     teacher_params = setup()[0]["params"]
     teacher = {j: num_convs(teacher_params[f"block{j}"]) for j in (1, 2, 3)}
     params = initial_state("blockkd").params
-    student, connectors = num_convs(params["student"]), num_convs(params["connectors"])
+    student, connectors = num_convs(params["student"]), num_convs(params["modules"])
     # Student: forward, weight gradient, input gradient except of the stem (images need
     # none). Connectors: all three. Teacher: its own forward, then, on the stone paths,
     # forward and input gradient (plus a recomputed forward with remat) of block 2 (stone

@@ -217,6 +217,7 @@ def test_blockkd_matches_formula(distance, stone_ids, gamma, warmup):
         gamma=gamma,
         warmup=warmup,
         distance=distance,
+        distance_knobs={"alpha": 1.0, "beta": 8.0} if distance == "dkd" else None,
     )
     ref_loss, task, distill, cross = ref_blockkd(
         student,

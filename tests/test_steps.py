@@ -1,4 +1,4 @@
-"""Distillers and the train/eval steps on tiny models."""
+"""Distillers and the train/eval steps on tiny models and real digits."""
 
 from __future__ import annotations
 
@@ -10,26 +10,28 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+import sklearn.datasets
 
 from bkd_jax import config_defaults, distillers, models, steps
 
 NUM_CLASSES = 10
-SHAPE = (16, 16, 16, 3)
+SHAPE = (16, 8, 8, 3)  # 16 of scikit-learn's 8x8 digits, grey repeated to 3 channels
 
 
 def distill_config(method: str, **overrides) -> ml_collections.ConfigDict:
-    """The project's default `distill` config with `overrides`."""
+    """The project's default `distill` config with `overrides` of the method's knobs."""
     cfg = config_defaults.distill_config(method)
-    cfg.update(overrides)
+    cfg[method].update(overrides)
     return cfg
 
 
 @functools.cache
 def teacher_and_batch():
     teacher = models.get_model("resnet20", NUM_CLASSES)
-    x = jax.random.normal(jax.random.key(0), SHAPE)
-    batch = {"image": x, "label": jax.random.randint(jax.random.key(1), (SHAPE[0],), 0, 10)}
-    return teacher, teacher.init(jax.random.key(2), x), batch
+    digits = sklearn.datasets.load_digits()
+    x = np.repeat(digits.images[: SHAPE[0], :, :, None] / 16.0, 3, axis=-1).astype(np.float32)
+    batch = {"image": jnp.asarray(x), "label": jnp.asarray(digits.target[: SHAPE[0]], jnp.int32)}
+    return teacher, teacher.init(jax.random.key(2), batch["image"]), batch
 
 
 def build(method: str, **overrides):
@@ -43,11 +45,12 @@ def build(method: str, **overrides):
     return distiller, optimizer, state, teacher_vars, batch
 
 
-@pytest.mark.parametrize("method", distillers.METHODS)
+@pytest.mark.parametrize("method", distillers.available())
 def test_thirty_steps_halve_the_loss_and_leave_the_teacher_untouched(method):
     distiller, optimizer, state, teacher_vars, batch = build(method)
-    connectors = {f"connector{i}" for i in distiller.stones}
-    assert set(state.params["connectors"]) == connectors  # only Block-KD has connectors
+    stones = distiller.modules.stones if distiller.modules else ()
+    connectors = {f"connector{i}" for i in stones}
+    assert set(state.params["modules"]) == connectors  # only Block-KD has connectors
     teacher_before = jax.tree.map(np.array, teacher_vars)
     step = jax.jit(steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(1.0)))
     first_stats = state.batch_stats
@@ -66,20 +69,21 @@ def test_thirty_steps_halve_the_loss_and_leave_the_teacher_untouched(method):
 def test_blockkd_lite_uses_the_deepest_stones_and_may_drop_the_cross_term():
     lite, *_ = build("blockkd_lite", gamma=0.0)
     full, *_ = build("blockkd")
-    assert full.stones == (1, 2, 3) and lite.stones == (2, 3)
+    assert full.modules.stones == (1, 2, 3) and lite.modules.stones == (2, 3)
     _, optimizer, state, teacher_vars, batch = build("blockkd_lite", gamma=0.0)
     _, metrics = steps.make_train_step(lite, optimizer, lambda s: 1.0)(state, teacher_vars, batch)
     assert {"kd_stone2", "kd_stone3"} <= set(metrics) and "kd_stone1" not in metrics
     assert float(metrics["cross"]) == 0.0 and "cross_student" not in metrics
     custom, *_ = build("blockkd", stones=(1, 3))
-    assert custom.stones == (1, 3)
+    assert custom.modules.stones == (1, 3)
 
 
 def test_dkd_warmup_scales_the_distillation_term():
     distiller, optimizer, state, teacher_vars, batch = build("dkd")
     step = steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(0.25))
     _, m = step(state, teacher_vars, batch)
-    np.testing.assert_allclose(m["loss"], 0.1 * m["ce"] + 0.25 * m["dkd"], rtol=1e-6)
+    # mdistiller's DKD weighs the label CE 1.0 (CFG.DKD.CE_WEIGHT), not KD's 0.1.
+    np.testing.assert_allclose(m["loss"], 1.0 * m["ce"] + 0.25 * m["dkd"], rtol=1e-6)
 
 
 def test_warmup_factor_counts_epochs_from_one():
@@ -93,7 +97,7 @@ def test_eval_step_counts_masked_topk_exactly():
     mask = np.array([1.0] * 12 + [0.0] * 4, np.float32)
     sums = steps.make_eval_step(distiller)(state, teacher_vars, {**batch, "mask": mask})
     logits = distiller.eval_logits(
-        state.variables("student"), state.variables("connectors"), teacher_vars, batch["image"]
+        state.variables("student"), state.variables("modules"), teacher_vars, batch["image"]
     )
     assert set(logits) == {"student", "teacher", "stone1", "stone2", "stone3"}
     labels = np.asarray(batch["label"])
@@ -107,10 +111,32 @@ def test_eval_step_counts_masked_topk_exactly():
 
 def test_bad_method_or_missing_teacher_is_rejected():
     student = models.get_model("resnet8", NUM_CLASSES)
-    with pytest.raises(ValueError, match="unknown distillation method 'fitnet'"):
-        distillers.make_distiller(distill_config("fitnet"), student, None, SHAPE)
+    with pytest.raises(ValueError, match="unknown distillation method 'no_such'"):
+        distillers.make_distiller(distill_config("no_such"), student, None, SHAPE)
     with pytest.raises(ValueError, match="distils from a teacher"):
         distillers.make_distiller(distill_config("kd"), student, None, SHAPE)
     teacher, _, _ = teacher_and_batch()
-    with pytest.raises(ValueError, match=r"distill.stones=\(0, 2\)"):
+    with pytest.raises(ValueError, match=r"distill.blockkd.stones=\(0, 2\)"):
         distillers.make_distiller(distill_config("blockkd", stones=(0, 2)), student, teacher, SHAPE)
+
+
+def test_knobs_of_another_method_an_unknown_knob_or_distance_are_rejected():
+    student = models.get_model("resnet8", NUM_CLASSES)
+    teacher, _, _ = teacher_and_batch()
+    cfg = distill_config("kd")
+    cfg.dkd = distillers.get("dkd").knobs()
+    with pytest.raises(ValueError, match=r"knobs of dkd, but the method is 'kd'"):
+        distillers.make_distiller(cfg, student, teacher, SHAPE)
+    cfg = distill_config("dkd")
+    cfg.dkd.temprature = 2.0
+    with pytest.raises(ValueError, match=r"config.distill.dkd has no knob temprature"):
+        distillers.make_distiller(cfg, student, teacher, SHAPE)
+    with pytest.raises(ValueError, match=r"distance='ce' is not a logit distance"):
+        distillers.make_distiller(distill_config("blockkd", distance="ce"), student, teacher, SHAPE)
+
+
+def test_a_missing_section_means_the_defaults():
+    teacher, _, _ = teacher_and_batch()
+    student = models.get_model("resnet8", NUM_CLASSES)
+    distiller = distillers.make_distiller({"method": "dkd"}, student, teacher, SHAPE)
+    assert distiller.warmup_epochs == 20

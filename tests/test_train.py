@@ -350,8 +350,8 @@ def _unknown_model(tmp_path, teacher):
 
 def _unknown_method(tmp_path, teacher):
     config = digits_config()
-    config.distill.method = "fitnet"
-    return config, "unknown method 'fitnet'; known: ce, kd, dkd, blockkd, blockkd_lite"
+    config.distill.method = "no_such"
+    return config, "unknown distillation method 'no_such'; known: blockkd, blockkd_lite, ce, "
 
 
 def _tfds_data_missing(tmp_path, teacher):
@@ -385,9 +385,9 @@ def _teacher_checkpoint_of_another_model(tmp_path, teacher):
 
 def _bad_distillation_option(tmp_path, teacher):
     config = digits_config("blockkd")
-    config.distill.stones = (4,)
+    config.distill.blockkd.stones = (4,)
     config.teacher_checkpoint = str(teacher)
-    return config, r"distill.stones=\(4,\) must be distinct indices in 1..3"
+    return config, r"distill.blockkd.stones=\(4,\) must be distinct indices in 1..3"
 
 
 @pytest.mark.parametrize(

@@ -1,37 +1,33 @@
-"""The distillation methods: what each trains besides the student, and its loss.
+"""What every distillation method is made of, and the `Distiller` that runs one.
 
-A `Distiller` bundles a student, an optional frozen teacher, optional Block-KD connectors
-and an objective. Its forward pass runs the teacher once (inference mode, no gradient),
-the student once, and, for Block-KD, the stepping-stones from the student's features.
+A method (`Method`) declares, in one place: whether it needs a teacher, which tensors it
+consumes, its knobs with their defaults, how it builds its objective and the extra
+trainable modules it owns (Block-KD's connectors), and the optimiser it requires, if any
+(DOT). `bkd_jax.distillers.make_distiller` turns a method and its knobs into a
+`Distiller`: a student, an optional frozen teacher, the method's modules and objective.
 
-Registry (`METHODS`), with the knobs each reads from the `distill` config:
-
-- ``ce``: cross-entropy only; how teachers are trained.
-- ``kd``: Hinton et al. ``ce_weight * CE + kd_weight * KD(tau)``.
-- ``dkd``: Zhao et al. ``ce_weight * CE + r(t) * DKD(dkd_alpha, dkd_beta, tau)``.
-- ``blockkd``: the Block-KD objective of docs/method.md (alpha, beta, gamma, tau, distance) over
-  the stepping-stones in ``stones`` (default: all 1..n).
-- ``blockkd_lite``: Block-KD over the deepest stones only (default {n-1, n}); set
-  ``gamma = 0`` to also drop the cross term.
-
-r(t) is `warmup_factor`: linear over ``warmup_epochs`` with epochs counted from 1, as in
-mdistiller (the first epoch already gets 1 / warmup_epochs).
+One forward pass (`Distiller.forward`) runs the teacher once (inference mode, no
+gradient), the student once (its block outputs kept), and the method's modules on them.
+An objective maps that `Forward` and the batch to a `Loss`: the weighted task term, the
+weighted distillation term and the metrics. The two terms stay apart because an optimiser
+may treat their gradients differently (DOT); every other optimiser sees their sum.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
 
-from bkd_jax import losses
-from bkd_jax.blockwise import BlockNet, Variables, stepping_stones
-from bkd_jax.connectors import Connectors, make_connectors
+from bkd_jax.blocknet import BlockNet, Variables
+from bkd_jax.losses import standardize_logits
 
-METHODS = ("ce", "kd", "dkd", "blockkd", "blockkd_lite")
+# Tensors a method may consume; `Method.consumes` documents which (taps: stem, block,
+# pre-activation outputs and pooled embeddings; index: each example's dataset index).
+TENSORS = ("logits", "blocks", "stones", "taps", "index")
 
 
 class Forward(NamedTuple):
@@ -39,16 +35,103 @@ class Forward(NamedTuple):
 
     student_logits: jax.Array
     teacher_logits: jax.Array | None
-    stone_logits: dict[int, jax.Array]
+    student_features: tuple[jax.Array, ...]  # outputs of the student's native blocks
+    stone_logits: dict[int, jax.Array]  # Block-KD's stepping-stones, i -> logits
     student_vars: Any
-    connector_vars: Any
+    module_vars: Any
 
 
-Objective = Callable[[Forward, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+class Loss(NamedTuple):
+    """An objective's value: the weighted task and distillation terms, and the metrics."""
+
+    task: jax.Array
+    distill: jax.Array
+    metrics: dict[str, jax.Array]
+
+    @property
+    def total(self) -> jax.Array:
+        return self.task + self.distill
+
+
+Objective = Callable[[Forward, Mapping[str, jax.Array], jax.Array], Loss]
+
+
+class Modules(Protocol):
+    """Extra trainable modules of a method, run on the student's (and teacher's) outputs."""
+
+    def init(self, key: jax.Array) -> dict[str, Any]:
+        """Their variables."""
+
+    def apply(
+        self,
+        variables: Variables,
+        student_features: Sequence[jax.Array],
+        teacher_vars: Variables,
+        *,
+        train: bool,
+    ) -> tuple[dict[int, jax.Array], Variables]:
+        """Logits of the models they complete (stone i -> logits) and updated variables."""
+
+
+class Pair(NamedTuple):
+    """What a method's `build` gets: the networks and how the distiller will run."""
+
+    student: BlockNet
+    teacher: BlockNet | None
+    input_shape: tuple[int, ...]  # NHWC of one batch; sizes the modules
+    dtype: Any  # compute dtype of the modules
+    batch_stones: bool  # cost options of the stepping-stones (results do not change)
+    remat_teacher: bool
+
+
+class Recipe(NamedTuple):
+    """What a method's `build` returns."""
+
+    objective: Objective
+    modules: Modules | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A distillation method, as the registry holds it.
+
+    Attributes:
+      name: registry name (`config.distill.method`).
+      summary: one line for listings.
+      knobs: `() -> dict`, the default knobs of `config.distill.<name>`; each default's
+        source is written beside it in the method's module. A knob may be a dict of
+        further knobs. Knob "warmup_epochs", when present, is r(t)'s length.
+      build: `(knobs, pair) -> Recipe`, called once per run with the config's knobs.
+      needs_teacher: whether `config.teacher_checkpoint` is required.
+      consumes: which of `TENSORS` the objective reads.
+      optimizer: the name of the optimiser the method requires (`bkd_jax.optim`), or
+        None for the config's own.
+      distance_knobs: for a method that is also a logit distance of Block-KD (registered
+        under its name in `bkd_jax.losses.DISTANCES`), the knobs of `knobs()` that
+        parametrise that distance; Block-KD takes their defaults from here.
+    """
+
+    name: str
+    summary: str
+    knobs: Callable[[], dict[str, Any]]
+    build: Callable[[Mapping[str, Any], Pair], Recipe]
+    needs_teacher: bool = True
+    consumes: tuple[str, ...] = ("logits",)
+    optimizer: str | None = None
+    distance_knobs: tuple[str, ...] = ()
+
+
+def standardized(enabled: bool, *logits: jax.Array) -> tuple[jax.Array, ...]:
+    """`logits`, each z-scored per sample when `enabled` (logit standardisation)."""
+    return tuple(standardize_logits(z) for z in logits) if enabled else logits
 
 
 def warmup_factor(step: jax.Array, steps_per_epoch: int, warmup_epochs: float) -> jax.Array:
-    """r(t) = min(1, epoch / warmup_epochs), epochs counted from 1; 1 when disabled."""
+    """r(t) = min(1, epoch / warmup_epochs), epochs counted from 1; 1 when disabled.
+
+    Counting from 1 is mdistiller's (its epochs start at 1, so the first epoch already gets
+    1 / warmup_epochs).
+    """
     if warmup_epochs <= 0:
         return jnp.ones((), jnp.float32)
     epoch = jnp.floor_divide(step, steps_per_epoch) + 1
@@ -57,25 +140,23 @@ def warmup_factor(step: jax.Array, steps_per_epoch: int, warmup_epochs: float) -
 
 @dataclasses.dataclass(frozen=True)
 class Distiller:
-    """A student, its frozen teacher (if any), Block-KD connectors (if any), an objective."""
+    """A student, its frozen teacher (if any), a method's modules (if any), its objective."""
 
     method: str
     student: BlockNet
     objective: Objective
     teacher: BlockNet | None = None
-    connectors: Connectors | None = None
-    stones: tuple[int, ...] = ()
-    batch_stones: bool = True
-    remat_teacher: bool = False
+    modules: Modules | None = None
+    warmup_epochs: float = 0.0
 
-    def init_connectors(self, key: jax.Array) -> dict[str, Any]:
-        """Variables of the extra trainable modules: the stones' connectors, or nothing."""
-        return self.connectors.init(key, self.stones) if self.connectors else {}
+    def init_modules(self, key: jax.Array) -> dict[str, Any]:
+        """Variables of the method's extra trainable modules, or nothing."""
+        return self.modules.init(key) if self.modules else {}
 
     def forward(
         self,
         student_vars: Variables,
-        connector_vars: Variables,
+        module_vars: Variables,
         teacher_vars: Variables | None,
         images: jax.Array,
         *,
@@ -85,142 +166,40 @@ class Distiller:
         if self.teacher is not None:
             teacher_vars = jax.lax.stop_gradient(teacher_vars)
             teacher_logits = jax.lax.stop_gradient(self.teacher.apply(teacher_vars, images))
-        if self.connectors is None:
-            out = self.student.apply(student_vars, images, train=train)
-            logits, student_vars = out if train else (out, student_vars)
-            return Forward(logits, teacher_logits, {}, student_vars, connector_vars)
-        out = stepping_stones(
-            self.student, student_vars, self.teacher, teacher_vars, self.connectors,
-            connector_vars, images, stones=self.stones, train=train,
-            batch_stones=self.batch_stones, remat_teacher=self.remat_teacher,
-        )  # fmt: skip
-        return Forward(
-            out.student_logits, teacher_logits, out.stone_logits, out.student_vars,
-            out.connector_vars,
-        )  # fmt: skip
+        if train:
+            logits, feats, student_vars = self.student.features(student_vars, images, train=True)
+        else:
+            logits, feats = self.student.features(student_vars, images)
+        stones = {}
+        if self.modules is not None:
+            stones, module_vars = self.modules.apply(module_vars, feats, teacher_vars, train=train)
+        return Forward(logits, teacher_logits, tuple(feats), stones, student_vars, module_vars)
 
     def loss(
         self,
         student_vars: Variables,
-        connector_vars: Variables,
+        module_vars: Variables,
         teacher_vars: Variables | None,
         batch: Mapping[str, jax.Array],
         warmup: jax.Array,
-    ) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any, Any]]:
-        """Training loss; aux is (metrics, new student variables, new connector variables)."""
-        out = self.forward(student_vars, connector_vars, teacher_vars, batch["image"], train=True)
-        loss, metrics = self.objective(out, batch["label"], warmup)
-        return loss, (metrics, out.student_vars, out.connector_vars)
+    ) -> tuple[Loss, tuple[Any, Any]]:
+        """The training `Loss` and (new student variables, new module variables)."""
+        out = self.forward(student_vars, module_vars, teacher_vars, batch["image"], train=True)
+        loss = self.objective(out, batch, warmup)
+        metrics = {**loss.metrics, "loss": loss.total}
+        return loss._replace(metrics=metrics), (out.student_vars, out.module_vars)
 
     def eval_logits(
         self,
         student_vars: Variables,
-        connector_vars: Variables,
+        module_vars: Variables,
         teacher_vars: Variables | None,
         images: jax.Array,
     ) -> dict[str, jax.Array]:
         """Inference-mode logits of the student, the teacher and each stepping-stone."""
-        out = self.forward(student_vars, connector_vars, teacher_vars, images, train=False)
+        out = self.forward(student_vars, module_vars, teacher_vars, images, train=False)
         logits = {"student": out.student_logits}
         if out.teacher_logits is not None:
             logits["teacher"] = out.teacher_logits
         logits.update({f"stone{i}": v for i, v in out.stone_logits.items()})
         return logits
-
-
-def _ce_objective(out: Forward, labels: jax.Array, warmup: jax.Array):
-    del warmup
-    ce = losses.cross_entropy(out.student_logits, labels)
-    return ce, {"loss": ce, "ce": ce}
-
-
-def _kd_objective(cfg) -> Objective:
-    def objective(out: Forward, labels: jax.Array, warmup: jax.Array):
-        del warmup  # Hinton's KD has no warm-up in mdistiller's recipe.
-        ce = losses.cross_entropy(out.student_logits, labels)
-        kd = losses.kd_loss(out.student_logits, out.teacher_logits, cfg.temperature)
-        loss = cfg.ce_weight * ce + cfg.kd_weight * kd
-        return loss, {"loss": loss, "ce": ce, "kd": kd}
-
-    return objective
-
-
-def _dkd_objective(cfg) -> Objective:
-    def objective(out: Forward, labels: jax.Array, warmup: jax.Array):
-        ce = losses.cross_entropy(out.student_logits, labels)
-        dkd = losses.dkd_loss(
-            out.student_logits, out.teacher_logits, labels,
-            alpha=cfg.dkd_alpha, beta=cfg.dkd_beta, temperature=cfg.temperature,
-        )  # fmt: skip
-        loss = cfg.ce_weight * ce + warmup * dkd
-        return loss, {"loss": loss, "ce": ce, "dkd": dkd, "warmup": warmup}
-
-    return objective
-
-
-def _blockkd_objective(cfg, num_blocks: int) -> Objective:
-    def objective(out: Forward, labels: jax.Array, warmup: jax.Array):
-        loss, metrics = losses.blockkd_loss(
-            out.student_logits, out.stone_logits, out.teacher_logits, labels,
-            num_blocks=num_blocks, temperature=cfg.temperature, alpha=cfg.alpha,
-            beta=cfg.beta, gamma=cfg.gamma, warmup=warmup, distance=cfg.distance,
-            dkd_alpha=cfg.dkd_alpha, dkd_beta=cfg.dkd_beta,
-        )  # fmt: skip
-        return loss, {**metrics, "warmup": warmup}
-
-    return objective
-
-
-def _stones(cfg, method: str, n: int) -> tuple[int, ...]:
-    if cfg.get("stones"):
-        stones = tuple(sorted(int(i) for i in cfg.stones))
-    elif method == "blockkd_lite":
-        stones = tuple(range(max(1, n - 1), n + 1))
-    else:
-        stones = tuple(range(1, n + 1))
-    if not all(1 <= i <= n for i in stones) or len(set(stones)) != len(stones):
-        raise ValueError(f"distill.stones={stones} must be distinct indices in 1..{n}")
-    return stones
-
-
-def make_distiller(
-    cfg,
-    student: BlockNet,
-    teacher: BlockNet | None,
-    input_shape: Sequence[int],
-    *,
-    dtype: jnp.dtype = jnp.float32,
-    batch_stones: bool = True,
-    remat_teacher: bool = False,
-) -> Distiller:
-    """Builds the distiller `cfg.method` (see the module docstring for its fields).
-
-    `input_shape` (NHWC) sizes the connectors; `dtype` is their compute dtype.
-    `batch_stones` and `remat_teacher` are the cost options of `stepping_stones`.
-    """
-    method = cfg.method
-    if method not in METHODS:
-        raise ValueError(f"unknown distillation method {method!r}; known: {', '.join(METHODS)}")
-    if method == "ce":
-        return Distiller(method, student, _ce_objective)
-    if teacher is None:
-        raise ValueError(f"method {method!r} distils from a teacher, but none was given")
-    if method == "kd":
-        return Distiller(method, student, _kd_objective(cfg), teacher)
-    if method == "dkd":
-        return Distiller(method, student, _dkd_objective(cfg), teacher)
-    if cfg.distance not in losses.DISTANCES:
-        raise ValueError(
-            f"distill.distance must be one of {losses.DISTANCES}, got {cfg.distance!r}"
-        )
-    grouping = cfg.get("grouping")
-    connectors = make_connectors(
-        student, teacher, input_shape,
-        grouping=tuple(map(tuple, grouping)) if grouping else None,
-        upsampling=cfg.upsampling, dtype=dtype,
-    )  # fmt: skip
-    n = connectors.num_stones
-    return Distiller(
-        method, student, _blockkd_objective(cfg, n), teacher, connectors,
-        _stones(cfg, method, n), batch_stones, remat_teacher,
-    )  # fmt: skip

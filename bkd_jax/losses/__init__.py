@@ -1,6 +1,17 @@
-"""Pure losses in float32: logit distances (`logit`) and the Block-KD objective (`blockkd`)."""
+"""Pure losses in float32: logit losses (`logit`), logit distances by name (`distances`) and
+the Block-KD objective (`blockkd`)."""
 
-from bkd_jax.losses.blockkd import DISTANCES, blockkd_loss
-from bkd_jax.losses.logit import cross_entropy, dkd_loss, kd_loss
+from bkd_jax.losses.blockkd import blockkd_loss
+from bkd_jax.losses.distances import DISTANCES, distance, register_distance
+from bkd_jax.losses.logit import cross_entropy, dkd_loss, kd_loss, standardize_logits
 
-__all__ = ["DISTANCES", "blockkd_loss", "cross_entropy", "dkd_loss", "kd_loss"]
+__all__ = [
+    "DISTANCES",
+    "blockkd_loss",
+    "cross_entropy",
+    "distance",
+    "dkd_loss",
+    "kd_loss",
+    "register_distance",
+    "standardize_logits",
+]

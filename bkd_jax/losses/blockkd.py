@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from bkd_jax.losses.logit import check_labels, check_pair, cross_entropy, dkd_loss, kd_loss
-
-DISTANCES = ("kd", "dkd")
+from bkd_jax.losses.distances import DISTANCES
+from bkd_jax.losses.distances import distance as logit_distance
+from bkd_jax.losses.logit import check_labels, check_pair, cross_entropy
 
 
 def _check_blockkd_inputs(
@@ -26,7 +27,9 @@ def _check_blockkd_inputs(
 ) -> None:
     what = "blockkd_loss"
     if distance not in DISTANCES:
-        raise ValueError(f"{what}: unknown distance {distance!r}; expected one of {DISTANCES}.")
+        raise ValueError(
+            f"{what}: unknown distance {distance!r}; expected one of {tuple(DISTANCES)}."
+        )
     if not stone_logits:
         raise ValueError(f"{what}: stone_logits is empty; at least one stepping-stone is needed.")
     outside = sorted(i for i in stone_logits if not 1 <= i <= num_blocks)
@@ -64,8 +67,8 @@ def blockkd_loss(
     gamma: float,
     warmup: float | jax.Array = 1.0,
     distance: str = "kd",
-    dkd_alpha: float = 1.0,
-    dkd_beta: float = 8.0,
+    distance_knobs: Mapping[str, Any] | None = None,
+    standardize: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The Block-KD objective (docs/method.md, section 1).
 
@@ -76,8 +79,9 @@ def blockkd_loss(
         L         = alpha L_task + beta warmup L_distill + gamma warmup L_cross
 
     with w_i = 1 / 2^(num_blocks - i), sums and mean over the stepping-stones present in
-    `stone_logits`, and D the distance: `kd_loss` at `temperature` ("kd") or `dkd_loss`
-    with `dkd_alpha`, `dkd_beta` at `temperature` ("dkd").
+    `stone_logits`, and D the logit distance registered as `distance`
+    (`bkd_jax.losses.distances`) at `temperature` with `distance_knobs`, on standardised
+    logits when `standardize`.
 
     Args:
       student_logits: (batch..., classes) logits Y^S of the student.
@@ -91,8 +95,9 @@ def blockkd_loss(
         skips L_cross entirely (it is never computed).
       warmup: r(t) in [0, 1], the linear warm-up factor of the distillation terms; may be
         a traced scalar.
-      distance: "kd" or "dkd".
-      dkd_alpha, dkd_beta: DKD's TCKD and NCKD weights when distance is "dkd".
+      distance: a name in `bkd_jax.losses.DISTANCES` ("kd", "dkd", ...).
+      distance_knobs: the distance's own knobs (DKD's alpha and beta, ...).
+      standardize: z-score every logit vector per sample before the distance.
 
     Returns:
       `(loss, metrics)`. `metrics` holds float32 scalars: "loss", "task", "distill" and
@@ -104,12 +109,10 @@ def blockkd_loss(
     _check_blockkd_inputs(
         student_logits, stone_logits, teacher_logits, labels, num_blocks, distance
     )
-    if distance == "kd":
-        dist = functools.partial(kd_loss, temperature=temperature)
-    else:
-        dist = functools.partial(
-            dkd_loss, labels=labels, alpha=dkd_alpha, beta=dkd_beta, temperature=temperature
-        )
+    dist = functools.partial(
+        logit_distance, distance, labels=labels, temperature=temperature,
+        standardize=standardize, knobs=distance_knobs,
+    )  # fmt: skip
     stones = sorted(stone_logits)
     metrics = {
         "ce_student": cross_entropy(student_logits, labels),

@@ -124,3 +124,10 @@ def dkd_loss(
         _non_target_log_probs(student_logits, mask, temperature),
     )
     return temperature**2 * (alpha * tckd + beta * nckd)
+
+
+def standardize_logits(logits: jax.Array, eps: float = 1e-7) -> jax.Array:
+    """Each sample's logits z-scored over the classes, in float32."""
+    z = jnp.asarray(logits, jnp.float32)
+    mean = jnp.mean(z, axis=-1, keepdims=True)
+    return (z - mean) / (eps + jnp.std(z, axis=-1, keepdims=True))

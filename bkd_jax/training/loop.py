@@ -35,35 +35,12 @@ from bkd_jax.data import datasets, pipeline
 from bkd_jax.training import checkpointing, sharding
 from bkd_jax.training.metric_writers import MetricWriter
 from bkd_jax.training.progress import Progress
+from bkd_jax.training.validation import DTYPES, validate_config
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 BEST_METRIC = "eval/student/top1"
 RESULTS_FILE = "results.json"
 # Keys that may change between runs of one experiment without invalidating its workdir.
 COSMETIC_KEYS = ("log_every_steps", "tensorboard", "eval_only")
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Cheap checks of names and numbers, before anything touches data or devices."""
-    if config.distill.method not in distillers.METHODS:
-        raise ValueError(
-            f"unknown method {config.distill.method!r}; known: {', '.join(distillers.METHODS)}"
-        )
-    names = [config.student] + ([config.teacher] if config.distill.method != "ce" else [])
-    for name in names:
-        if name not in models.available():
-            raise ValueError(f"unknown model {name!r}; known: {', '.join(models.available())}")
-    if config.dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {config.dtype!r}")
-    if config.distill.method != "ce" and not config.teacher_checkpoint:
-        raise ValueError(
-            f"method {config.distill.method!r} distils from a teacher: set "
-            "config.teacher_checkpoint to the workdir of a method=ce run or to a directory "
-            "written by `python -m bkd_jax.convert`"
-        )
-    for field in ("global_batch_size", "eval_batch_size", "log_every_steps"):
-        if config[field] < 1:
-            raise ValueError(f"config.{field} must be positive, got {config[field]}")
 
 
 def load_model_variables(path: str, net: models.BlockNet, image_shape, what: str) -> Any:
@@ -147,7 +124,7 @@ class _Setup(NamedTuple):
     total_steps: int
     distiller: distillers.Distiller
     optimizer: optax.GradientTransformation
-    teacher_vars: Any  # replicated over the mesh; None for method ce
+    teacher_vars: Any  # replicated over the mesh; None for a method without a teacher
     student_init: Any  # student variables from config.student_checkpoint, or None
 
 
@@ -165,9 +142,10 @@ def _set_up(config: ml_collections.ConfigDict) -> _Setup:
             f"{info.num_train} training examples"
         )
     dtype = DTYPES[config.dtype]
+    method = distillers.get(config.distill.method)
     student = models.get_model(config.student, info.num_classes, dtype)
     teacher = teacher_vars = student_init = None
-    if config.distill.method != "ce":
+    if method.needs_teacher:
         teacher = models.get_model(config.teacher, info.num_classes, dtype)
         teacher_vars = jax.device_put(
             load_model_variables(
@@ -192,7 +170,7 @@ def _set_up(config: ml_collections.ConfigDict) -> _Setup:
             dtype=dtype,
             remat_teacher=config.remat_teacher,
         ),
-        optimizer=optim.make_optimizer(config.optim, steps_per_epoch),
+        optimizer=optim.make_optimizer(config.optim, steps_per_epoch, method.optimizer),
         teacher_vars=teacher_vars,
         student_init=student_init,
     )
@@ -281,7 +259,7 @@ def _train(
     warmup = functools.partial(
         distillers.warmup_factor,
         steps_per_epoch=setup.steps_per_epoch,
-        warmup_epochs=config.distill.warmup_epochs,
+        warmup_epochs=setup.distiller.warmup_epochs,
     )
     train_step = jit_train_step(setup.distiller, setup.optimizer, warmup, setup.mesh)
     start = step = int(state.step)
@@ -326,7 +304,7 @@ def _train(
 
 def _log_start(config: ml_collections.ConfigDict, setup: _Setup, state: steps.TrainState) -> None:
     params = sum(x.size for x in jax.tree.leaves(state.params["student"]))
-    pair = f"{config.teacher} -> {config.student}" if config.distill.method != "ce" else ""
+    pair = f"{config.teacher} -> {config.student}" if setup.distiller.teacher else ""
     logging.info(
         "%s %s (student %s parameters) on %s (%d train / %d eval images): steps %d to %d, "
         "%d per epoch, global batch %d over %d devices.",

@@ -1,0 +1,63 @@
+"""Logit distances by name: the D that Block-KD's objective applies to every model it trains.
+
+A distance is `(student_logits, target_logits, labels, *, temperature, **knobs) -> scalar`,
+float32, summed over classes and averaged over the batch like every loss here; the target
+is the teacher's logits or the stepping-stones' ensemble. `register_distance` adds one;
+`distance` applies one by name, optionally on standardised logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+
+from bkd_jax.losses.logit import dkd_loss, kd_loss, standardize_logits
+
+Distance = Callable[..., jax.Array]
+
+
+def _kd(student_logits, target_logits, labels, *, temperature):
+    del labels
+    return kd_loss(student_logits, target_logits, temperature)
+
+
+def _dkd(student_logits, target_logits, labels, *, temperature, alpha, beta):
+    return dkd_loss(
+        student_logits, target_logits, labels, alpha=alpha, beta=beta, temperature=temperature
+    )
+
+
+DISTANCES: dict[str, Distance] = {"kd": _kd, "dkd": _dkd}
+
+
+def register_distance(name: str, fn: Distance) -> None:
+    """Makes `fn` available as Block-KD's distance `name`."""
+    if name in DISTANCES:
+        raise ValueError(f"a logit distance named {name!r} is already registered")
+    DISTANCES[name] = fn
+
+
+def distance(
+    name: str,
+    student_logits: jax.Array,
+    target_logits: jax.Array,
+    labels: jax.Array,
+    *,
+    temperature: float,
+    standardize: bool = False,
+    knobs: Mapping[str, Any] | None = None,
+) -> jax.Array:
+    """Distance `name` between the student's and the target's logits.
+
+    With `standardize`, both are z-scored per sample first (`standardize_logits`).
+    """
+    if name not in DISTANCES:
+        raise ValueError(f"unknown logit distance {name!r}; known: {', '.join(DISTANCES)}")
+    if standardize:
+        student_logits = standardize_logits(student_logits)
+        target_logits = standardize_logits(target_logits)
+    return DISTANCES[name](
+        student_logits, target_logits, labels, temperature=temperature, **(knobs or {})
+    )

@@ -1,0 +1,39 @@
+"""Checks of a config's names and numbers that need no data, no devices and no TensorFlow.
+
+`validate_config` runs first, so a misspelt model or method, a knob of another method, or
+a missing teacher checkpoint is reported in the time it takes to import JAX.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import ml_collections
+
+from bkd_jax import distillers, models, optim
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError for the first problem found in `config`'s names and numbers."""
+    method = distillers.get(config.distill.method)
+    distillers.method_knobs(config.distill)
+    names = [config.student] + ([config.teacher] if method.needs_teacher else [])
+    for name in names:
+        if name not in models.available():
+            raise ValueError(f"unknown model {name!r}; known: {', '.join(models.available())}")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {config.dtype!r}")
+    if config.optim.name not in optim.OPTIMIZERS:
+        raise ValueError(
+            f"config.optim.name must be one of {optim.OPTIMIZERS}, got {config.optim.name!r}"
+        )
+    if method.needs_teacher and not config.teacher_checkpoint:
+        raise ValueError(
+            f"method {method.name!r} distils from a teacher: set "
+            "config.teacher_checkpoint to the workdir of a method=ce run or to a directory "
+            "written by `python -m bkd_jax.convert`"
+        )
+    for field in ("global_batch_size", "eval_batch_size", "log_every_steps"):
+        if config[field] < 1:
+            raise ValueError(f"config.{field} must be positive, got {config[field]}")
