@@ -174,11 +174,13 @@ def standardize_logits(logits: jax.Array, *, eps: float = 1e-7, ddof: int = 1) -
         upstream mdistiller has CE 0.1, KD 0.9). DKD: alpha and beta each times 9 and
         DKD.T = 2 (commit 6b58661; commit 2ece47f instead set beta = 9 * (9 * alpha) = 81
         and left DKD.T at 4). MLKD: KD weight 9, base temperature 2 (its extra fixed
-        temperatures 2, 3, 5, 6 are unchanged).
+        temperatures 2, 3, 5, 6 are unchanged; only its KD terms are standardised, not
+        its class- and batch-correlation terms).
       README.md, CIFAR-100 log names (loss, teacher, student, base temperature, KD weight):
-        base temperature 3 for vgg13-vgg8, resnet32x4-wrn_16_2, resnet32x4-wrn_40_2,
-        wrn_40_2-MobileNetV2, vgg13-MobileNetV2 and ResNet50-MobileNetV2 (KD weight 1),
-        2 (KD weight 9) for the other pairs; CTKD logs use 2 and 9 throughout.
+        KD logs use base temperature 3 for vgg13-vgg8, resnet32x4-wrn_16_2,
+        resnet32x4-wrn_40_2, wrn_40_2-MobileNetV2, vgg13-MobileNetV2 and
+        ResNet50-MobileNetV2 (KD weight 1), 2 (KD weight 9) for the other pairs; the
+        CTKD, DKD and MLKD logs linked there use 2 and 9.
       CTKD/scripts/run_cifar_distill.sh: CE 0.1, KD 9, kd_T 2; run_imagenet_distill.sh:
         CE 1, KD 2, kd_T 9 (CTKD's learned temperature range 1..20).
       configs/imagenet/r34_r18/kd_ours.yaml (ResNet-34 to ResNet-18): temperature 1,
@@ -207,7 +209,8 @@ def _rescaled_probs(log_p: jax.Array, axis: int) -> jax.Array:
     """exp(log_p) divided by its maximum along `axis`.
 
     A positive factor per vector leaves its correlations unchanged, and with the largest
-    entry at 1 the small probabilities of large logits do not underflow to 0.
+    entry at 1 a class whose probabilities are all tiny (large logits) keeps its relative
+    values instead of underflowing to 0 in float32.
     """
     return jnp.exp(log_p - jax.lax.stop_gradient(jnp.max(log_p, axis=axis, keepdims=True)))
 
@@ -239,14 +242,15 @@ def dist_loss(
     (see `_rescaled_probs`), which leaves the correlations unchanged; the authors'
     eps = 1e-8 thus guards the rescaled norms rather than the raw ones.
 
-    Authors' settings: hunto/image_classification_sota lib/models/losses/dist_kd.py
-    (inter, intra: `1 - pearson(...).mean()` over rows, then over columns; tau^2 on both)
-    with kd_loss.py building `dist` as beta = gamma = 1, tau = 1 and `dist_t<tau>` as
-    beta = gamma = 1 at that tau; the total loss is ori_loss_weight * CE + kd_loss_weight
-    * DIST. The same framework's configs (hunto/LocalMamba,
-    classification/configs/strategies/distill/): dist_cifar.yaml `kd: dist_t4`, CE 1,
+    First author's code, his classification framework as vendored in github
+    hunto/LocalMamba, classification/lib/models/losses/: dist_kd.py takes
+    `1 - pearson(...).mean()` over rows (inter), then over columns (intra), each times
+    tau^2 (hunto/image_classification_sota's older copy has no temperature); kd_loss.py
+    builds `dist` as beta = gamma = 1, tau = 1 and `dist_t<tau>` as beta = gamma = 1 at
+    that tau, the total being ori_loss_weight * CE + kd_loss_weight * DIST. Its configs,
+    classification/configs/strategies/distill/: dist_cifar.yaml `kd: dist_t4`, CE 1,
     kd_loss_weight 2 (so beta = gamma = 2, tau = 4 on CIFAR-100); resnet_dist.yaml
-    (ImageNet ResNet-34 teacher) `kd: dist`, CE 1, kd_loss_weight 2 (beta = gamma = 2,
+    (ImageNet, ResNet-34 teacher) `kd: dist`, CE 1, kd_loss_weight 2 (beta = gamma = 2,
     tau = 1).
 
     Args:
@@ -283,9 +287,8 @@ def wttm_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, gamma: fl
     the authors' code). U, the weight, is larger for smoother teacher predictions.
     p^gamma is formed as exp(gamma * log p) and renormalised with logsumexp.
 
-    The knob is the paper's exponent gamma (the code's `--ttm_l`, "the exponent of power
-    transform (denoted as gamma in our paper)", github zkxufo/TTM README.md;
-    distiller_zoo/wttm.py computes exactly this). Its total loss is
+    The knob is the paper's exponent gamma, which github zkxufo/TTM calls `--ttm_l` (its
+    README.md identifies the two; distiller_zoo/wttm.py computes this loss). Its total is
     `-r` * CE + `-b` * WTTM (+ `-a` * an added loss) in helper/loops.py, defaults `-r` 1,
     `--ttm_l` 1 (train_student.py). Per-pair CIFAR-100 values of gamma and the weight
     beta are in the paper's appendix A.4, not in that repository; its README examples
