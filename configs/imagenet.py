@@ -6,8 +6,9 @@ shorthand; method (default blockkd). SGD lr 0.2, x0.1 at 30/60/90, weight decay 
 (mdistiller configs/imagenet/r34_r18/*.yaml SOLVER). Per method, from the same files:
 KD temperature 1 and CE:KD weights 0.5:0.5 (kd.yaml; DOT too, dot.yaml, with delta 0.09);
 DKD CE weight 1.0, temperature 1, warm-up 1 epoch and beta 0.5 (r34_r18/dkd.yaml) or 2.0
-(r50_mv1/dkd.yaml); Block-KD temperature 1 and warm-up 1 epoch (our choice, following
-DKD's ImageNet recipe; docs/method.md). Teachers are torchvision's weights, converted with
+(r50_mv1/dkd.yaml); DIST temperature 1 (its authors' resnet_dist.yaml); Block-KD
+temperature 1 and warm-up 1 epoch (our choice, following DKD's ImageNet recipe;
+docs/method.md). Teachers are torchvision's weights, converted with
 `python -m bkd_jax.convert`.
 
 Launch on a TPU VM slice (every host runs the same command; see launch/):
@@ -38,6 +39,8 @@ METHOD_KNOBS = {
     "kd": {"distill": {"kd": _KD}},
     "dot": {"distill": {"dot": _KD}, "optim": {"dot_delta": 0.09}},
     "dkd": {"distill": {"dkd": {"temperature": 1.0, "ce_weight": 1.0, "warmup_epochs": 1}}},
+    # hunto/LocalMamba classification/configs/strategies/distill/resnet_dist.yaml: `kd: dist`.
+    "dist": {"distill": {"dist": {"temperature": 1.0}}},
     "blockkd": {"distill": {"blockkd": _BLOCKKD}},
     "blockkd_lite": {"distill": {"blockkd_lite": _BLOCKKD}},
 }

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from bkd_jax import losses
+from tests.test_logit_losses import ref_dist, ref_standardize, ref_wttm
 
 BATCH, CLASSES, NUM_BLOCKS = 8, 10, 4
 # w_i = 1 / 2^(n - i) for n = 4, written out.
@@ -82,16 +83,31 @@ def ref_dkd_mdistiller(logits_student, logits_teacher, target, alpha, beta, temp
     return alpha * tckd + beta * nckd
 
 
-def ref_distance(distance, student, teacher, labels, tau):
-    """D of Block-KD: KD, or DKD with its default weights (1, 8)."""
+# Knobs of each distance in the Block-KD tests (the methods' defaults).
+DISTANCE_KNOBS = {"kd": {}, "dkd": {"alpha": 1.0, "beta": 8.0}, "dist": {"beta": 2.0, "gamma": 2.0},
+                  "wttm": {"gamma": 0.2}}  # fmt: skip
+
+
+def ref_distance(distance, student, teacher, labels, tau, standardize=False):
+    """D of Block-KD with the knobs of `DISTANCE_KNOBS`, on z-scored logits if asked."""
+    if standardize:
+        student, teacher = ref_standardize(student), ref_standardize(teacher)
+    knobs = DISTANCE_KNOBS[distance]
     if distance == "kd":
         return ref_kd(student, teacher, tau)
-    return ref_dkd(student, teacher, labels, tau, alpha=1.0, beta=8.0)
+    if distance == "dkd":
+        return ref_dkd(student, teacher, labels, tau, **knobs)
+    if distance == "dist":
+        return ref_dist(student, teacher, tau=tau, **knobs)
+    return ref_wttm(student, teacher, **knobs)
 
 
-def ref_blockkd(student, stones, teacher, labels, *, tau, alpha, beta, gamma, warmup, distance):
+def ref_blockkd(
+    student, stones, teacher, labels, *, tau, alpha, beta, gamma, warmup, distance,
+    standardize=False,
+):  # fmt: skip
     def dist(s, t):
-        return ref_distance(distance, s, t, labels, tau)
+        return ref_distance(distance, s, t, labels, tau, standardize)
 
     task = ref_ce(student, labels) + sum(WEIGHTS[i] * ref_ce(z, labels) for i, z in stones.items())
     distill = dist(student, teacher) + sum(WEIGHTS[i] * dist(z, teacher) for i, z in stones.items())
@@ -217,7 +233,7 @@ def test_blockkd_matches_formula(distance, stone_ids, gamma, warmup):
         gamma=gamma,
         warmup=warmup,
         distance=distance,
-        distance_knobs={"alpha": 1.0, "beta": 8.0} if distance == "dkd" else None,
+        distance_knobs=DISTANCE_KNOBS[distance],
     )
     ref_loss, task, distill, cross = ref_blockkd(
         student,
@@ -374,3 +390,17 @@ def test_kd_and_dkd_reject_mismatched_shapes():
         losses.dkd_loss(
             _logits(0), _logits(1), _labels(2, batch=3), alpha=1, beta=8, temperature=4.0
         )
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+@pytest.mark.parametrize("distance", ["kd", "dkd", "dist", "wttm"])
+def test_blockkd_with_any_distance_and_standardisation_matches_formula(distance, standardize):
+    student, stones, teacher, labels = _blockkd_inputs((2, 3, 4))
+    kwargs = dict(tau=4.0, alpha=1.0, beta=0.5, gamma=1.0, warmup=0.5, distance=distance)
+    loss, _ = losses.blockkd_loss(
+        student, stones, teacher, labels, num_blocks=NUM_BLOCKS, temperature=kwargs["tau"],
+        **{k: v for k, v in kwargs.items() if k != "tau"}, standardize=standardize,
+        distance_knobs=DISTANCE_KNOBS[distance],
+    )  # fmt: skip
+    ref, *_ = ref_blockkd(student, stones, teacher, labels, standardize=standardize, **kwargs)
+    np.testing.assert_allclose(loss, ref, rtol=1e-5)

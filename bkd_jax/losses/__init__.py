@@ -3,15 +3,24 @@ the Block-KD objective (`blockkd`)."""
 
 from bkd_jax.losses.blockkd import blockkd_loss
 from bkd_jax.losses.distances import DISTANCES, distance, register_distance
-from bkd_jax.losses.logit import cross_entropy, dkd_loss, kd_loss, standardize_logits
+from bkd_jax.losses.logit import (
+    cross_entropy,
+    dist_loss,
+    dkd_loss,
+    kd_loss,
+    standardize_logits,
+    wttm_loss,
+)
 
 __all__ = [
     "DISTANCES",
     "blockkd_loss",
     "cross_entropy",
+    "dist_loss",
     "distance",
     "dkd_loss",
     "kd_loss",
     "register_distance",
     "standardize_logits",
+    "wttm_loss",
 ]

@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from bkd_jax.losses.logit import dkd_loss, kd_loss, standardize_logits
+from bkd_jax.losses.logit import dist_loss, dkd_loss, kd_loss, standardize_logits, wttm_loss
 
 Distance = Callable[..., jax.Array]
 
@@ -29,7 +29,17 @@ def _dkd(student_logits, target_logits, labels, *, temperature, alpha, beta):
     )
 
 
-DISTANCES: dict[str, Distance] = {"kd": _kd, "dkd": _dkd}
+def _dist(student_logits, target_logits, labels, *, temperature, beta, gamma):
+    del labels
+    return dist_loss(student_logits, target_logits, beta=beta, gamma=gamma, temperature=temperature)
+
+
+def _wttm(student_logits, target_logits, labels, *, temperature, gamma):
+    del labels, temperature  # WTTM's exponent gamma plays the temperature's part
+    return wttm_loss(student_logits, target_logits, gamma=gamma)
+
+
+DISTANCES: dict[str, Distance] = {"kd": _kd, "dkd": _dkd, "dist": _dist, "wttm": _wttm}
 
 
 def register_distance(name: str, fn: Distance) -> None:
