@@ -2,7 +2,9 @@
 
 The trainable state holds the student and the method's extra modules (Block-KD's
 connectors, ...) side by side: ``params = {"student": ..., "modules": ...}``, and likewise
-``batch_stats``. The teacher's variables are an argument of every step, never part of the
+``batch_stats``; other state of the modules that is updated but not trained (CRD's memory
+bank) is ``module_state``, and ``rng`` the key each step's randomness (CRD's negatives) is
+folded from with the step number, so a resumed run draws what an uninterrupted one does. The teacher's variables are an argument of every step, never part of the
 state: they are not differentiated, not updated and not donated. An optimizer that treats
 the task and distillation gradients apart (`bkd_jax.optim.SplitGradientTransformation`,
 DOT) gets both, from one forward pass and two backward passes.
@@ -24,26 +26,37 @@ from bkd_jax.optim import SplitGradientTransformation
 Batch = Mapping[str, jax.Array]
 
 
+_TRAINED = ("params", "batch_stats")  # module collections kept apart in the state
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
     params: dict[str, Any]
     batch_stats: dict[str, Any]
     opt_state: optax.OptState
+    module_state: dict[str, Any]  # the modules' other collections, e.g. {"memory": ...}
+    rng: jax.Array  # raw key data (uint32), so that checkpoints hold a plain array
 
-    def variables(self, name: str) -> dict[str, Any]:
-        """Flax variables of "student" or "modules"."""
-        out = {"params": self.params[name]}
+    def variables(self, name: str, params: Any = None) -> dict[str, Any]:
+        """Flax variables of "student" or "modules" (with `params` instead, if given)."""
+        out = {"params": self.params[name] if params is None else params}
         if self.batch_stats.get(name):
             out["batch_stats"] = self.batch_stats[name]
+        if name == "modules":
+            out.update(self.module_state)
         return out
+
+    def step_key(self) -> jax.Array:
+        """The key of this step: the run's key folded with the step number."""
+        return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
 
 def create_train_state(
     distiller: Distiller, optimizer: optax.GradientTransformation, key: jax.Array, images
 ) -> TrainState:
     """Fresh student and module variables (sized by `images`) and optimizer state."""
-    student_key, module_key = jax.random.split(key)
+    student_key, module_key, step_key = jax.random.split(key, 3)
     student = distiller.student.init(student_key, images)
     modules = distiller.init_modules(module_key)
     params = {"student": student["params"], "modules": modules.get("params", {})}
@@ -51,7 +64,11 @@ def create_train_state(
         "student": student.get("batch_stats", {}),
         "modules": modules.get("batch_stats", {}),
     }
-    return TrainState(jnp.zeros((), jnp.int32), params, batch_stats, optimizer.init(params))
+    module_state = {k: v for k, v in modules.items() if k not in _TRAINED}
+    return TrainState(
+        jnp.zeros((), jnp.int32), params, batch_stats, optimizer.init(params), module_state,
+        jax.random.key_data(step_key),
+    )  # fmt: skip
 
 
 def make_train_step(
@@ -64,9 +81,9 @@ def make_train_step(
 
     def loss_fn(params, state: TrainState, teacher_vars, batch: Batch):
         loss, new_vars = distiller.loss(
-            {"params": params["student"], "batch_stats": state.batch_stats["student"]},
-            {"params": params["modules"], "batch_stats": state.batch_stats["modules"]},
-            teacher_vars, batch, warmup(state.step),
+            state.variables("student", params["student"]),
+            state.variables("modules", params["modules"]),
+            teacher_vars, {**batch, "rng": state.step_key()}, warmup(state.step),
         )  # fmt: skip
         return (loss.task, loss.distill), (loss.metrics, *new_vars)
 
@@ -93,6 +110,7 @@ def make_train_step(
                 "modules": module_vars.get("batch_stats", {}),
             },
             opt_state=opt_state,
+            module_state={k: v for k, v in module_vars.items() if k not in _TRAINED},
         )
         return new_state, {**metrics, "grad_norm": optax.global_norm(grads)}
 

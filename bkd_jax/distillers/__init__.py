@@ -128,7 +128,7 @@ def make_distiller(
     recipe = method.build(knobs, pair)
     return Distiller(
         method.name, student, recipe.objective, teacher, recipe.modules,
-        float(knobs.get("warmup_epochs", 0)),
+        float(knobs.get("warmup_epochs", 0)), recipe.taps or "taps" in method.consumes,
     )  # fmt: skip
 
 

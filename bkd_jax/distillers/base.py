@@ -7,7 +7,8 @@ trainable modules it owns (Block-KD's connectors), and the optimiser it requires
 `Distiller`: a student, an optional frozen teacher, the method's modules and objective.
 
 One forward pass (`Distiller.forward`) runs the teacher once (inference mode, no
-gradient), the student once (its block outputs kept), and the method's modules on them.
+gradient), the student once (its block outputs kept, and its feature taps when the method
+consumes them), and the method's modules on them.
 An objective maps that `Forward` and the batch to a `Loss`: the weighted task term, the
 weighted distillation term and the metrics. The two terms stay apart because an optimiser
 may treat their gradients differently (DOT); every other optimiser sees their sum.
@@ -22,7 +23,7 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
-from bkd_jax.blocknet import BlockNet, Variables
+from bkd_jax.blocknet import BlockNet, Taps, Variables
 from bkd_jax.losses import standardize_logits
 
 # Tensors a method may consume; `Method.consumes` documents which (taps: stem, block,
@@ -35,10 +36,13 @@ class Forward(NamedTuple):
 
     student_logits: jax.Array
     teacher_logits: jax.Array | None
-    student_features: tuple[jax.Array, ...]  # outputs of the student's native blocks
+    student_features: tuple[jax.Array, ...]  # outputs of the student's blocks (BlockNet's)
     stone_logits: dict[int, jax.Array]  # Block-KD's stepping-stones, i -> logits
     student_vars: Any
     module_vars: Any
+    student_taps: Taps | None = None  # when the method consumes "taps"
+    teacher_taps: Taps | None = None
+    extras: dict[str, Any] = {}  # what a method's modules compute for its objective
 
 
 class Loss(NamedTuple):
@@ -60,17 +64,21 @@ class Modules(Protocol):
     """Extra trainable modules of a method, run on the student's (and teacher's) outputs."""
 
     def init(self, key: jax.Array) -> dict[str, Any]:
-        """Their variables."""
+        """Their variables: "params", "batch_stats" and any state they update untrained."""
 
     def apply(
         self,
         variables: Variables,
-        student_features: Sequence[jax.Array],
+        out: Forward,
+        batch: Mapping[str, jax.Array],
         teacher_vars: Variables,
         *,
         train: bool,
-    ) -> tuple[dict[int, jax.Array], Variables]:
-        """Logits of the models they complete (stone i -> logits) and updated variables."""
+    ) -> tuple[Forward, Variables]:
+        """`out` with what they compute (stone logits, extras) and updated variables.
+
+        In training, `batch` also holds "rng", the key of this step.
+        """
 
 
 class Pair(NamedTuple):
@@ -89,6 +97,7 @@ class Recipe(NamedTuple):
 
     objective: Objective
     modules: Modules | None = None
+    taps: bool = False  # the forward pass collects feature taps (methods that consume them)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +157,7 @@ class Distiller:
     teacher: BlockNet | None = None
     modules: Modules | None = None
     warmup_epochs: float = 0.0
+    taps: bool = False  # whether the forward pass collects feature taps
 
     def init_modules(self, key: jax.Array) -> dict[str, Any]:
         """Variables of the method's extra trainable modules, or nothing."""
@@ -158,22 +168,37 @@ class Distiller:
         student_vars: Variables,
         module_vars: Variables,
         teacher_vars: Variables | None,
-        images: jax.Array,
+        batch: Mapping[str, jax.Array],
         *,
         train: bool,
     ) -> Forward:
-        teacher_logits = None
+        images = batch["image"]
+        teacher_logits = teacher_taps = student_taps = None
         if self.teacher is not None:
             teacher_vars = jax.lax.stop_gradient(teacher_vars)
-            teacher_logits = jax.lax.stop_gradient(self.teacher.apply(teacher_vars, images))
-        if train:
+            if self.taps:
+                teacher_logits, teacher_taps = self.teacher.taps(teacher_vars, images)
+                teacher_taps = jax.lax.stop_gradient(teacher_taps)
+            else:
+                teacher_logits = self.teacher.apply(teacher_vars, images)
+            teacher_logits = jax.lax.stop_gradient(teacher_logits)
+        if self.taps:
+            out = self.student.taps(student_vars, images, train=train)
+            logits, student_taps = out[:2]
+            student_vars = out[2] if train else student_vars
+            feats = student_taps.blocks
+        elif train:
             logits, feats, student_vars = self.student.features(student_vars, images, train=True)
         else:
             logits, feats = self.student.features(student_vars, images)
-        stones = {}
-        if self.modules is not None:
-            stones, module_vars = self.modules.apply(module_vars, feats, teacher_vars, train=train)
-        return Forward(logits, teacher_logits, tuple(feats), stones, student_vars, module_vars)
+        out = Forward(
+            logits, teacher_logits, tuple(feats), {}, student_vars, module_vars, student_taps,
+            teacher_taps, {},
+        )  # fmt: skip
+        if self.modules is None:
+            return out
+        out, module_vars = self.modules.apply(module_vars, out, batch, teacher_vars, train=train)
+        return out._replace(module_vars=module_vars)
 
     def loss(
         self,
@@ -184,7 +209,7 @@ class Distiller:
         warmup: jax.Array,
     ) -> tuple[Loss, tuple[Any, Any]]:
         """The training `Loss` and (new student variables, new module variables)."""
-        out = self.forward(student_vars, module_vars, teacher_vars, batch["image"], train=True)
+        out = self.forward(student_vars, module_vars, teacher_vars, batch, train=True)
         loss = self.objective(out, batch, warmup)
         metrics = {**loss.metrics, "loss": loss.total}
         return loss._replace(metrics=metrics), (out.student_vars, out.module_vars)
@@ -197,7 +222,7 @@ class Distiller:
         images: jax.Array,
     ) -> dict[str, jax.Array]:
         """Inference-mode logits of the student, the teacher and each stepping-stone."""
-        out = self.forward(student_vars, module_vars, teacher_vars, images, train=False)
+        out = self.forward(student_vars, module_vars, teacher_vars, {"image": images}, train=False)
         logits = {"student": out.student_logits}
         if out.teacher_logits is not None:
             logits["teacher"] = out.teacher_logits

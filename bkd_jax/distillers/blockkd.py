@@ -76,13 +76,15 @@ class SteppingStones:
     def init(self, key):
         return self.connectors.init(key, self.stones)
 
-    def apply(self, variables, student_features, teacher_vars, *, train: bool):
-        out = stone_logits(
-            student_features, self.teacher, teacher_vars, self.connectors, variables,
+    def apply(self, variables, out, batch, teacher_vars, *, train: bool):
+        del batch
+        stones = stone_logits(
+            out.student_features, self.teacher, teacher_vars, self.connectors, variables,
             stones=self.stones, train=train, batch_stones=self.batch_stones,
             remat_teacher=self.remat_teacher,
         )  # fmt: skip
-        return out if train else (out, variables)
+        logits, variables = stones if train else (stones, variables)
+        return out._replace(stone_logits=logits), variables
 
 
 def _stones(requested, default: tuple[int, ...], n: int) -> tuple[int, ...]:
