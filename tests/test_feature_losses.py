@@ -145,31 +145,31 @@ def smooth_l1(x, y):
     return np.mean(np.where(d < 1, 0.5 * d**2, d - 0.5))
 
 
+def rkd_distances(e):
+    """psi_D = ||e_i - e_j|| / mu, mu the mean over the pairs i != j."""
+    d = np.array([[np.linalg.norm(a - b) for b in e] for a in e])
+    return d / d[~np.eye(len(e), dtype=bool)].mean()
+
+
+def rkd_angles(e):
+    """psi_A = cos of the angle e_i e_j e_k (0 where a side has length 0)."""
+
+    def unit(x):
+        n = np.linalg.norm(x)
+        return x / n if n > 0 else x
+
+    n = len(e)
+    return np.array(
+        [
+            [[unit(e[i] - e[j]) @ unit(e[k] - e[j]) for k in range(n)] for i in range(n)]
+            for j in range(n)
+        ]
+    )
+
+
 def ref_rkd(s, t, distance_weight=25, angle_weight=50):
-    """psi_D = ||e_i - e_j|| / mu over the pairs i != j; psi_A = cos of angle e_i e_j e_k."""
-
-    def distances(e):
-        d = np.array([[np.linalg.norm(a - b) for b in e] for a in e])
-        mu = d[~np.eye(len(e), dtype=bool)].mean()
-        return d / mu
-
-    def angles(e):
-        def unit(x):
-            n = np.linalg.norm(x)
-            return x / n if n > 0 else x
-
-        return np.array(
-            [
-                [
-                    [unit(e[i] - e[j]) @ unit(e[k] - e[j]) for k in range(len(e))]
-                    for i in range(len(e))
-                ]
-                for j in range(len(e))
-            ]
-        )
-
-    return distance_weight * smooth_l1(distances(s), distances(t)) + angle_weight * smooth_l1(
-        angles(s), angles(t)
+    return distance_weight * smooth_l1(rkd_distances(s), rkd_distances(t)) + (
+        angle_weight * smooth_l1(rkd_angles(s), rkd_angles(t))
     )
 
 
@@ -286,6 +286,14 @@ def _crd_arrays():
     return es, et, mem_s, mem_t, idx.astype(np.int32), z
 
 
+def _rkd_arrays():
+    """Student and teacher embeddings whose distances and angles differ by more than 1
+    somewhere (an outlying student example), so that both pieces of smooth L1 count."""
+    student = _normal(16, (BATCH, 6))
+    student[0] *= 6
+    return student, _normal(17, (BATCH, 5))
+
+
 CASES = {
     "fitnet": (
         losses.fitnet_loss,
@@ -328,7 +336,7 @@ CASES = {
     "rkd": (
         losses.rkd_loss,
         ref_rkd,
-        lambda: (_normal(0, (BATCH, 6)), _normal(1, (BATCH, 5))),
+        _rkd_arrays,
         (0,),
         (1,),
     ),
@@ -446,6 +454,22 @@ def test_bfloat16_inputs_are_computed_in_float32(name):
     assert np.dtype(np.float32) in dtypes and np.dtype(jnp.bfloat16) not in dtypes
 
 
+def test_rkd_case_reaches_both_pieces_of_smooth_l1():
+    s, t = _f64(_rkd_arrays())
+    for psi in (rkd_distances, rkd_angles):
+        gap = np.abs(psi(s) - psi(t))
+        assert gap.max() > 1 and np.any((gap > 0) & (gap < 1))
+
+
+def test_pkt_is_finite_for_opposite_student_embeddings():
+    """eps keeps log((q + eps) / (p + eps)) finite where a cosine of -1 makes p 0 (exactly:
+    3 + 1e-7 rounds to 3 in float32, so the normalised rows are exactly +-e_0)."""
+    student, teacher = _normal(0, (BATCH, 6)), _normal(1, (BATCH, 10))
+    student[0], student[1] = np.eye(6)[0] * 3, -np.eye(6)[0] * 3
+    value, grad = jax.jit(jax.value_and_grad(losses.pkt_loss))(student, teacher)
+    assert np.isfinite(value) and np.all(np.isfinite(grad))
+
+
 def test_ofd_margin_matches_truncated_normal_mean():
     margin = jax.jit(losses.ofd_margin)(OFD_SCALE, OFD_BIAS)
     assert margin.dtype == jnp.float32
@@ -536,5 +560,7 @@ BAD_CALLS = {
 
 @pytest.mark.parametrize("name", BAD_CALLS)
 def test_mismatched_inputs_are_rejected(name):
-    with pytest.raises(ValueError):
+    """Rejected by the loss's own check (its message starts with the loss's name), not by
+    whatever operation would have failed later."""
+    with pytest.raises(ValueError, match=rf"^{name.split()[0]}"):
         BAD_CALLS[name]()
