@@ -18,7 +18,8 @@ mdistiller's ("feats[1:]": every stage output after the stem) is given per loss.
 weights below are the `FEAT_WEIGHT`s of mdistiller/engine/cfg.py, applied by the caller.
 
 FitNet (Romero et al., ICLR 2015; distillers/FitNet.py). L = mean((r(F_s) - F_t)^2) over
-  every element, r the student's hint regressor (a conv + BN applied by the caller).
+  every element, r the student's hint regressor (conv, BN, ReLU: _common.py ConvReg,
+  applied by the caller).
   Hint stage feats[2] (cfg.py FITNET.HINT_LAYER = 2), weight 100.
 AT (Zagoruyko & Komodakis, ICLR 2017; distillers/AT.py). Per stage, the attention map
   a = mean_c(F^p) over channels, flattened over HW and L2-normalised per example;
