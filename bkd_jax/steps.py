@@ -4,8 +4,9 @@ The trainable state holds the student and the method's extra modules (Block-KD's
 connectors, ...) side by side: ``params = {"student": ..., "modules": ...}``, and likewise
 ``batch_stats``; other state of the modules that is updated but not trained (CRD's memory
 bank) is ``module_state``, and ``rng`` the key each step's randomness (CRD's negatives) is
-folded from with the step number, so a resumed run draws what an uninterrupted one does. The teacher's variables are an argument of every step, never part of the
-state: they are not differentiated, not updated and not donated. An optimizer that treats
+folded from with the step number, so a resumed run draws what an uninterrupted one does.
+The teacher's variables are an argument of every step, never part of the state: they are
+not differentiated, not updated and not donated. An optimizer that treats
 the task and distillation gradients apart (`bkd_jax.optim.SplitGradientTransformation`,
 DOT) gets both, from one forward pass and two backward passes.
 """

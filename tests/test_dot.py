@@ -45,8 +45,8 @@ def test_dot_method_feeds_the_task_and_distillation_gradients_apart():
 
     def term(params, name):
         loss, _ = distiller.loss(
-            {"params": params["student"], "batch_stats": state.batch_stats["student"]},
-            {"params": params["modules"], "batch_stats": state.batch_stats["modules"]},
+            state.variables("student", params["student"]),
+            state.variables("modules", params["modules"]),
             teacher_vars, batch, jnp.float32(1.0),
         )  # fmt: skip
         return getattr(loss, name)

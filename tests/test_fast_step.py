@@ -79,8 +79,8 @@ def loss_and_grads(method: str, cfg=(), dtype=jnp.float32, **options):
     teacher_vars, batch, _ = setup()
 
     def loss(params):
-        student_vars = {"params": params["student"], "batch_stats": state.batch_stats["student"]}
-        module_vars = {"params": params["modules"], "batch_stats": state.batch_stats["modules"]}
+        student_vars = state.variables("student", params["student"])
+        module_vars = state.variables("modules", params["modules"])
         out, new_vars = distiller.loss(student_vars, module_vars, teacher_vars, batch, 1.0)
         return out.total, (out.metrics, *new_vars)
 

@@ -17,7 +17,8 @@ may treat their gradients differently (DOT); every other optimiser sees their su
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol
 
 import jax
@@ -42,7 +43,7 @@ class Forward(NamedTuple):
     module_vars: Any
     student_taps: Taps | None = None  # when the method consumes "taps"
     teacher_taps: Taps | None = None
-    extras: dict[str, Any] = {}  # what a method's modules compute for its objective
+    extras: Mapping[str, Any] = MappingProxyType({})  # what a method's modules compute
 
 
 class Loss(NamedTuple):

@@ -1,8 +1,33 @@
-"""Pure losses in float32: logit losses (`logit`), logit distances by name (`distances`) and
-the Block-KD objective (`blockkd`)."""
+"""Pure losses in float32: logit losses (`logit`), logit distances by name (`distances`), the
+Block-KD objective (`blockkd`) and the feature-distillation losses of the feature-based
+baselines (`feature`)."""
 
 from bkd_jax.losses.blockkd import blockkd_loss
 from bkd_jax.losses.distances import DISTANCES, distance, register_distance
+from bkd_jax.losses.feature import (
+    CRD_FEAT_DIM,
+    CRD_NCE_K,
+    CRD_NCE_MOMENTUM,
+    CRD_NCE_TEMPERATURE,
+    VID_EPS,
+    VID_INIT_PRED_VAR,
+    at_loss,
+    crd_init_memory,
+    crd_loss,
+    crd_normalizers,
+    crd_update_memory,
+    fitnet_loss,
+    hcl_loss,
+    kdsvd_loss,
+    nst_loss,
+    ofd_loss,
+    ofd_margin,
+    pkt_loss,
+    rkd_loss,
+    sp_loss,
+    vid_init_log_scale,
+    vid_loss,
+)
 from bkd_jax.losses.logit import (
     cross_entropy,
     dist_loss,
@@ -13,14 +38,36 @@ from bkd_jax.losses.logit import (
 )
 
 __all__ = [
+    "CRD_FEAT_DIM",
+    "CRD_NCE_K",
+    "CRD_NCE_MOMENTUM",
+    "CRD_NCE_TEMPERATURE",
     "DISTANCES",
+    "VID_EPS",
+    "VID_INIT_PRED_VAR",
+    "at_loss",
     "blockkd_loss",
+    "crd_init_memory",
+    "crd_loss",
+    "crd_normalizers",
+    "crd_update_memory",
     "cross_entropy",
     "dist_loss",
     "distance",
     "dkd_loss",
+    "fitnet_loss",
+    "hcl_loss",
     "kd_loss",
+    "kdsvd_loss",
+    "nst_loss",
+    "ofd_loss",
+    "ofd_margin",
+    "pkt_loss",
     "register_distance",
+    "rkd_loss",
+    "sp_loss",
     "standardize_logits",
+    "vid_init_log_scale",
+    "vid_loss",
     "wttm_loss",
 ]
