@@ -5,18 +5,63 @@ slice of the variables (``variables[collection]["block3"]``, ``[...]["head"]``).
 part is applied as a pure function of ``(variables, h)``, so a prefix of one network, a
 connector and a suffix of another compose as a plain, jittable function chain. Every zoo
 model is a BlockNet; `bkd_jax.blockwise` builds the stepping-stones from two of them.
+
+Feature distillation reads more than block outputs: the stem output, each block's output
+before its final ReLU and the pooled embedding (what mdistiller's models return as
+`feats`, `preact_feats` and `pooled_feat`). These live inside the parts, so the parts
+record them with `tap` (Flax `sow` into the `intermediates` collection, a no-op unless
+that collection is mutable) and `BlockNet.taps` collects them from one forward pass; the
+normal path computes exactly what it did without them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 
 Variables = Mapping[str, Any]
+
+# The collection parts record their feature taps in: Flax's `intermediates`, which `init`
+# leaves out by default, so variable trees stay as they were. Then the taps a part may record.
+TAPS = "intermediates"
+STEM = "stem"  # block 1: the stem's output
+PREACT = "preact"  # a block: its output before the final ReLU
+# A part: the pre-activation of its *input*, for networks whose blocks end before their
+# normalisation, which the next part applies (pre-activation WRN); stands for the
+# previous block's PREACT.
+INPUT_PREACT = "input_preact"
+POOLED = "pooled"  # the head: the pooled embedding the classifier reads
+_TAP_NAMES = frozenset({STEM, PREACT, INPUT_PREACT, POOLED})
+
+
+class Taps(NamedTuple):
+    """The features distillation methods read, NHWC, from one forward pass.
+
+    As mdistiller's models return them (`mdistiller/models/cifar/*.py`,
+    `models/imagenet/*.py`): `stem` is `feats[0]`, `blocks` are `feats[1:]`, the outputs
+    of the network's native blocks (stages), `preact` are `preact_feats[1:]`, those
+    outputs before their final ReLU, and `pooled` is `pooled_feat`, the embedding fed to
+    the classifier. The model docstrings say what each family records where its blocks
+    end without a ReLU.
+    """
+
+    stem: jax.Array
+    blocks: tuple[jax.Array, ...]
+    preact: tuple[jax.Array, ...]
+    pooled: jax.Array
+
+
+def tap(module: nn.Module, name: str, value: jax.Array) -> None:
+    """Records `value` as tap `name` of the part `module` is the top module of.
+
+    Does nothing unless the `intermediates` collection is mutable, as only `BlockNet.taps`
+    makes it.
+    """
+    module.sow(TAPS, name, value)
 
 
 def _part(variables: Variables, name: str) -> dict[str, Any]:
@@ -39,6 +84,24 @@ def apply_part(module: nn.Module, variables: Variables, name: str, h: jax.Array,
         return module.apply(part, h, train=False)
     y, updates = module.apply(part, h, train=True, mutable=["batch_stats"])
     return y, with_part(variables, name, updates)
+
+
+def _apply_tapped(module: nn.Module, variables: Variables, name: str, h: jax.Array, train: bool):
+    """`apply_part` that also returns the taps the part records: `(y, taps, variables)`."""
+    mutable = [TAPS, "batch_stats"] if train else [TAPS]
+    y, updates = module.apply(_part(variables, name), h, train=train, mutable=mutable)
+    updates = dict(updates)
+    sown = dict(updates.pop(TAPS, {}))
+    if unknown := sown.keys() - _TAP_NAMES:
+        raise ValueError(f"{name} records unknown taps {sorted(unknown)} (or from a submodule)")
+    taps = {}
+    for key, values in sown.items():
+        if len(values) != 1:
+            raise ValueError(f"{name} records tap {key!r} {len(values)} times")
+        taps[key] = values[0]
+    if train:
+        variables = with_part(variables, name, updates)
+    return y, taps, variables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,3 +203,36 @@ class BlockNet:
         """Logits, or `(logits, new_variables)` with updated BatchNorm statistics."""
         out = self.features(variables, x, train=train)
         return (out[0], out[2]) if train else out[0]
+
+    def taps(self, variables: Variables, x: jax.Array, *, train: bool = False):
+        """Logits and the feature `Taps` of one pass: `(logits, taps)`, plus variables.
+
+        Block 1 records the `stem`, the head `pooled`; each native block's output is a
+        `blocks` entry, with its `preact` recorded by the block itself or, as
+        `input_preact`, by the part after it. A block 1 that records no pre-activation is
+        the stem alone (VGG's `block0`) and not a native block.
+        """
+        self.check_input(x)
+        names = [self.part_name(i) for i in range(1, self.num_blocks + 1)]
+        outputs, recorded = [], []
+        h = x
+        for name, module in zip([*names, "head"], [*self.blocks, self.head]):
+            h, taps, variables = _apply_tapped(module, variables, name, h, train)
+            outputs.append(h)
+            recorded.append(taps)
+        blocks, preact = [], []
+        for i, name in enumerate(names):
+            own, given = recorded[i].get(PREACT), recorded[i + 1].get(INPUT_PREACT)
+            if own is not None and given is not None:
+                raise ValueError(f"{self.name}: {name}'s pre-activation is recorded twice")
+            if own is None and given is None:
+                if i == 0:
+                    continue
+                raise ValueError(f"{self.name}: {name} records no pre-activation")
+            blocks.append(outputs[i])
+            preact.append(own if own is not None else given)
+        for part, key in ((0, STEM), (-1, POOLED)):
+            if key not in recorded[part]:
+                raise ValueError(f"{self.name}: no {key!r} tap recorded")
+        taps = Taps(recorded[0][STEM], tuple(blocks), tuple(preact), recorded[-1][POOLED])
+        return (h, taps, variables) if train else (h, taps)

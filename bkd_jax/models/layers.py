@@ -10,6 +10,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bkd_jax.blocknet import POOLED, tap
+
 # He initialisation with fan-out, as torchvision and mdistiller initialise convolutions.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -59,7 +61,7 @@ def avg_pool(x: jnp.ndarray, window: int, stride: int, padding: int = 0) -> jnp.
 
 
 class ClassifierHead(nn.Module):
-    """Global average pooling and a linear classifier (PyTorch's `fc`)."""
+    """Global average pooling (the `pooled` tap) and a linear classifier (PyTorch's `fc`)."""
 
     num_classes: int
     dtype: jnp.dtype = jnp.float32
@@ -69,4 +71,5 @@ class ClassifierHead(nn.Module):
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         del train
         x = jnp.mean(x, axis=(1, 2))
+        tap(self, POOLED, x)
         return nn.Dense(self.num_classes, dtype=self.dtype, name=self.fc_name)(x)

@@ -8,6 +8,11 @@ blocks are the four resolutions of a 224-pixel input and end after `model.3` (56
 takes its features. mdistiller pools with `AvgPool2d(7)`; the head here pools globally,
 which is the same at 224 pixels and also runs on small test images.
 Submodules are named after the state-dict paths (`model.1.3` -> `model_1_3`).
+
+Taps, as mdistiller's `imagenet/mobilenetv1.py` returns them: a block's `preact` is its
+last pointwise BatchNorm output before the ReLU. mdistiller's `feats` hold only the four
+blocks, no stem; the `stem` tap here is `model.0`'s ReLU output (112 px at 224), where
+the ImageNet ResNets tap theirs.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bkd_jax.blocknet import BlockNet
+from bkd_jax.blocknet import PREACT, STEM, BlockNet, tap
 from bkd_jax.models.layers import ClassifierHead, batch_norm, conv
 
 # Output channels and stride of model.0 .. model.13.
@@ -27,7 +32,7 @@ STRIDES = (2, 1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1)
 CUTS = (4, 6, 12, 14)
 
 
-def _conv_bn_relu(
+def _conv_bn(
     x: jnp.ndarray,
     features: int,
     kernel: int,
@@ -39,7 +44,7 @@ def _conv_bn_relu(
     names: tuple[str, str],
 ) -> jnp.ndarray:
     x = conv(features, kernel, stride, groups=groups, dtype=dtype, name=names[0])(x)
-    return nn.relu(batch_norm(train, dtype=dtype, name=names[1])(x))
+    return batch_norm(train, dtype=dtype, name=names[1])(x)
 
 
 class Stage(nn.Module):
@@ -51,17 +56,19 @@ class Stage(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        layer = functools.partial(_conv_bn_relu, train=train, dtype=self.dtype)
+        layer = functools.partial(_conv_bn, train=train, dtype=self.dtype)
         for i in range(self.start, self.stop):
             features, stride = CHANNELS[i], STRIDES[i]
             if i == 0:
-                x = layer(x, features, 3, stride, names=("model_0_0", "model_0_1"))
+                x = nn.relu(layer(x, features, 3, stride, names=("model_0_0", "model_0_1")))
+                tap(self, STEM, x)
             else:
                 channels = x.shape[-1]
-                x = layer(
-                    x, channels, 3, stride, groups=channels, names=(f"model_{i}_0", f"model_{i}_1")
-                )
-                x = layer(x, features, 1, 1, names=(f"model_{i}_3", f"model_{i}_4"))
+                names = (f"model_{i}_0", f"model_{i}_1")
+                x = nn.relu(layer(x, channels, 3, stride, groups=channels, names=names))
+                preact = layer(x, features, 1, 1, names=(f"model_{i}_3", f"model_{i}_4"))
+                x = nn.relu(preact)
+        tap(self, PREACT, preact)
         return x
 
 

@@ -14,6 +14,11 @@ resolution; the stem is folded into block 1:
 mdistiller pools with `AvgPool2d(2, ceil_mode=True)`, which on the 2x2 map of 32-pixel
 input is the global average used here. Submodules carry the PyTorch state-dict paths
 (`blocks.3.0.conv.6` -> `blocks_3_0/conv_6`).
+
+Taps, as mdistiller's `cifar/mobilenetv2.py` returns them: `stem` is conv1's ReLU
+output, `pooled` the pooled conv2 output. mdistiller returns no `preact_feats` for this
+network: its blocks end in the linear projection (plus the residual), with no ReLU to
+come before, so a block's `preact` is its output itself.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bkd_jax.blocknet import BlockNet
+from bkd_jax.blocknet import POOLED, PREACT, STEM, BlockNet, tap
 from bkd_jax.models.layers import batch_norm, conv
 
 # (expand, channels, units, stride) of each group, before width scaling; None = the
@@ -93,6 +98,7 @@ class Stage(nn.Module):
             x = nn.relu(
                 _conv_bn(x, stem, 3, 2, train=train, dtype=self.dtype, prefix="conv1", index=0)
             )
+            tap(self, STEM, x)
         for g in self.groups:
             expand, channels, units, stride = GROUPS[g]
             for u in range(units):
@@ -103,6 +109,7 @@ class Stage(nn.Module):
                     self.dtype,
                     name=f"blocks_{g}_{u}",
                 )(x, train)
+        tap(self, PREACT, x)
         return x
 
 
@@ -117,6 +124,7 @@ class Head(nn.Module):
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         x = _conv_bn(x, self.features, 1, train=train, dtype=self.dtype, prefix="conv2", index=0)
         x = jnp.mean(nn.relu(x), axis=(1, 2))
+        tap(self, POOLED, x)
         return nn.Dense(self.num_classes, dtype=self.dtype, name="classifier_0")(x)
 
 

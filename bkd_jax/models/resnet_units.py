@@ -4,6 +4,10 @@
 stride, 1x1 expand by 4; ResNet v1.5) add a projection (1x1 convolution and BatchNorm) on
 the residual path when the shape changes and end in a ReLU, so block outputs are
 post-activation. `Stage` is one `layerK` of units, with the stem folded in for block 1.
+
+Taps, as mdistiller's ResNets (`cifar/resnet.py`, `cifar/resnetv2.py`,
+`imagenet/resnet.py`) return them: `stem` is the stem's ReLU output (before the ImageNet
+stem's max-pool), a stage's `preact` is its last unit's residual sum before the ReLU.
 PyTorch names the projection `downsample` (torchvision, mdistiller's CIFAR ResNets) or
 `shortcut` (mdistiller's CIFAR ResNet50); `shortcut_name` follows, as weight conversion
 requires.
@@ -14,6 +18,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from bkd_jax.blocknet import PREACT, STEM, tap
 from bkd_jax.models.layers import batch_norm, conv, max_pool
 
 
@@ -29,12 +34,14 @@ class BasicBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """The output and its pre-activation (the residual sum before the ReLU)."""
         out = conv(self.planes, 3, self.stride, dtype=self.dtype, name="conv1")(x)
         out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(out))
         out = conv(self.planes, 3, dtype=self.dtype, name="conv2")(out)
         out = batch_norm(train, dtype=self.dtype, name="bn2")(out)
-        return nn.relu(out + _shortcut(self, x, train))
+        preact = out + _shortcut(self, x, train)
+        return nn.relu(preact), preact
 
 
 class Bottleneck(nn.Module):
@@ -49,14 +56,16 @@ class Bottleneck(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """The output and its pre-activation (the residual sum before the ReLU)."""
         out = conv(self.planes, 1, dtype=self.dtype, name="conv1")(x)
         out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(out))
         out = conv(self.planes, 3, self.stride, dtype=self.dtype, name="conv2")(out)
         out = nn.relu(batch_norm(train, dtype=self.dtype, name="bn2")(out))
         out = conv(self.expansion * self.planes, 1, dtype=self.dtype, name="conv3")(out)
         out = batch_norm(train, dtype=self.dtype, name="bn3")(out)
-        return nn.relu(out + _shortcut(self, x, train))
+        preact = out + _shortcut(self, x, train)
+        return nn.relu(preact), preact
 
 
 def _shortcut(unit: BasicBlock | Bottleneck, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -93,17 +102,20 @@ class Stage(nn.Module):
         if self.stem == "cifar":
             x = conv(self.stem_channels, 3, dtype=self.dtype, name="conv1")(x)
             x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
+            tap(self, STEM, x)
         elif self.stem == "imagenet":
             x = conv(self.stem_channels, 7, 2, padding=3, dtype=self.dtype, name="conv1")(x)
             x = nn.relu(batch_norm(train, dtype=self.dtype, name="bn1")(x))
+            tap(self, STEM, x)
             x = max_pool(x, 3, 2, padding=1)
         for u in range(self.num_units):
             stride = self.stride if u == 0 else 1
             downsample = u == 0 and (
                 stride != 1 or x.shape[-1] != self.unit.expansion * self.planes
             )
-            x = self.unit(
+            x, preact = self.unit(
                 self.planes, stride, downsample, self.shortcut_name, self.dtype,
                 name=f"layer{self.index}_{u}",
             )(x, train)  # fmt: skip
+        tap(self, PREACT, preact)
         return x

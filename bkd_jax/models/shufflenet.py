@@ -9,6 +9,13 @@ after the last stage and belongs to the head.
 
 Submodules carry the names of PyTorch's state-dict paths (`layer2.0.conv1` ->
 `layer2_0/conv1`), which is what lets `bkd_jax.convert` map weights generically.
+
+Taps, as mdistiller's `cifar/ShuffleNetv1.py` and `ShuffleNetv2.py` return them: `stem`
+is the stem's ReLU output and a stage's `preact` is its last unit's before the ReLU: V1's
+residual sum (or concatenation); V2's concatenation of the untouched half with the
+branch's last BatchNorm output, taken *before* the channel shuffle, so its channels are
+in a different order from the block output's. `pooled` is the pooled last feature map
+(after conv2 for V2).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bkd_jax.blocknet import BlockNet
+from bkd_jax.blocknet import PREACT, STEM, BlockNet, tap
 from bkd_jax.models.layers import ClassifierHead, avg_pool, batch_norm, conv
 
 STEM_CHANNELS = 24
@@ -63,7 +70,8 @@ class Bottleneck(nn.Module):
     """ShuffleNetV1 unit: grouped 1x1, shuffle, depthwise 3x3, grouped 1x1.
 
     With stride 2 the shortcut is a 3x3 average pool concatenated after the branch
-    (`features` then counts only the branch's channels), otherwise it is added.
+    (`features` then counts only the branch's channels), otherwise it is added. Returns
+    the output and its pre-activation (before the final ReLU).
     """
 
     features: int
@@ -73,15 +81,17 @@ class Bottleneck(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
         mid = self.features // 4
         out = conv_bn(x, mid, 1, train, index=1, groups=self.input_groups, dtype=self.dtype)
         out = channel_shuffle(nn.relu(out), self.input_groups)
         out = nn.relu(depthwise_bn(out, train, index=2, stride=self.stride, dtype=self.dtype))
         out = conv_bn(out, self.features, 1, train, index=3, groups=self.groups, dtype=self.dtype)
         if self.stride == 2:
-            return nn.relu(jnp.concatenate([out, avg_pool(x, 3, 2, padding=1)], axis=-1))
-        return nn.relu(out + x)
+            preact = jnp.concatenate([out, avg_pool(x, 3, 2, padding=1)], axis=-1)
+        else:
+            preact = out + x
+        return nn.relu(preact), preact
 
 
 class ShuffleV1Stage(nn.Module):
@@ -99,9 +109,10 @@ class ShuffleV1Stage(nn.Module):
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         if self.with_stem:
             x = stem(x, train, self.dtype)
+            tap(self, STEM, x)
         for u in range(self.num_units):
             first = u == 0
-            x = Bottleneck(
+            x, preact = Bottleneck(
                 self.out_planes - self.in_planes if first else self.out_planes,
                 stride=2 if first else 1,
                 groups=self.groups,
@@ -109,6 +120,7 @@ class ShuffleV1Stage(nn.Module):
                 dtype=self.dtype,
                 name=f"layer{self.index}_{u}",
             )(x, train)
+        tap(self, PREACT, preact)
         return x
 
 
@@ -130,19 +142,24 @@ class DownBlock(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """ShuffleNetV2 unit: split channels, transform the second half, concat, shuffle."""
+    """ShuffleNetV2 unit: split channels, transform the second half, concat, shuffle.
+
+    Returns the output and its pre-activation: the concatenation with the branch's last
+    BatchNorm output in place of its ReLU, unshuffled (as mdistiller's `preact`).
+    """
 
     split_ratio: float = 0.5
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
         c = int(x.shape[-1] * self.split_ratio)
         x1, x2 = x[..., :c], x[..., c:]
         out = nn.relu(conv_bn(x2, c, 1, train, index=1, dtype=self.dtype))
         out = depthwise_bn(out, train, index=2, dtype=self.dtype)
-        out = nn.relu(conv_bn(out, c, 1, train, index=3, dtype=self.dtype))
-        return channel_shuffle(jnp.concatenate([x1, out], axis=-1), 2)
+        out = conv_bn(out, c, 1, train, index=3, dtype=self.dtype)
+        preact = jnp.concatenate([x1, out], axis=-1)
+        return channel_shuffle(jnp.concatenate([x1, nn.relu(out)], axis=-1), 2), preact
 
 
 class ShuffleV2Stage(nn.Module):
@@ -158,9 +175,11 @@ class ShuffleV2Stage(nn.Module):
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         if self.with_stem:
             x = stem(x, train, self.dtype)
+            tap(self, STEM, x)
         x = DownBlock(self.out_channels, self.dtype, name=f"layer{self.index}_0")(x, train)
         for u in range(1, self.num_units + 1):
-            x = BasicBlock(dtype=self.dtype, name=f"layer{self.index}_{u}")(x, train)
+            x, preact = BasicBlock(dtype=self.dtype, name=f"layer{self.index}_{u}")(x, train)
+        tap(self, PREACT, preact)
         return x
 
 

@@ -12,7 +12,11 @@ only for 64-pixel input, which this zoo does not serve). Each Block-KD block the
     block 5 = block4 + ReLU                       4 px, 512 ch
     head    = pool4 (global average) + classifier
 
-so block outputs are exactly mdistiller's feature taps f0..f4, post-activation. Within a
+so block outputs are exactly mdistiller's feature taps f0..f4, post-activation.
+
+Taps, as mdistiller's `cifar/vgg.py` returns them: `block0` is the stem, so block 1's
+output is the `stem` tap and the native blocks are blocks 2..5 (f1..f4), whose `preact`
+is the group's last BatchNorm output before the ReLU. `pooled` is pool4's output. Within a
 group, PyTorch's `Sequential` holds (conv, BN, ReLU) triples: layer j of group K is
 `blockK_{3j}` (convolution, with bias) and `blockK_{3j+1}` (BatchNorm).
 """
@@ -24,12 +28,12 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from bkd_jax.blocknet import BlockNet
+from bkd_jax.blocknet import PREACT, STEM, BlockNet, tap
 from bkd_jax.models.layers import ClassifierHead, batch_norm, conv, max_pool
 
 
 class ConvGroup(nn.Module):
-    """mdistiller's `block{index}`, after a 2x2 max-pool when `pool_first`."""
+    """mdistiller's `block{index}`, after a 2x2 max-pool when `pool_first`; `block0` is the stem."""
 
     index: int
     widths: tuple[int, ...]
@@ -44,7 +48,11 @@ class ConvGroup(nn.Module):
             name = f"block{self.index}_{3 * j}"
             x = conv(width, 3, bias=True, dtype=self.dtype, name=name)(x)
             x = batch_norm(train, dtype=self.dtype, name=f"block{self.index}_{3 * j + 1}")(x)
-            x = nn.relu(x)
+            preact, x = x, nn.relu(x)
+        if self.index == 0:
+            tap(self, STEM, x)
+        else:
+            tap(self, PREACT, preact)
         return x
 
 
