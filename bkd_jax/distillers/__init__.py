@@ -112,11 +112,14 @@ def make_distiller(
     dtype: Any = jnp.float32,
     batch_stones: bool = True,
     remat_teacher: bool = False,
+    num_examples: int | None = None,
 ) -> Distiller:
     """Builds the distiller of `cfg.method` with the knobs of `cfg` (a `config.distill`).
 
     `input_shape` (NHWC) sizes the method's modules and `dtype` is their compute dtype;
-    `batch_stones` and `remat_teacher` are the cost options of Block-KD's stepping-stones.
+    `batch_stones` and `remat_teacher` are the cost options of Block-KD's stepping-stones;
+    `num_examples` is the size of the training split, for methods that keep per-example
+    state.
     """
     method = get(cfg["method"])
     knobs = method_knobs(cfg)
@@ -124,7 +127,9 @@ def make_distiller(
         teacher = None
     elif teacher is None:
         raise ValueError(f"method {method.name!r} distils from a teacher, but none was given")
-    pair = Pair(student, teacher, tuple(input_shape), dtype, batch_stones, remat_teacher)
+    pair = Pair(
+        student, teacher, tuple(input_shape), dtype, batch_stones, remat_teacher, num_examples
+    )
     recipe = method.build(knobs, pair)
     return Distiller(
         method.name, student, recipe.objective, teacher, recipe.modules,

@@ -91,6 +91,7 @@ class Pair(NamedTuple):
     dtype: Any  # compute dtype of the modules
     batch_stones: bool  # cost options of the stepping-stones (results do not change)
     remat_teacher: bool
+    num_examples: int | None = None  # training examples (CRD's memory bank has a row each)
 
 
 class Recipe(NamedTuple):

@@ -169,6 +169,7 @@ def _set_up(config: ml_collections.ConfigDict) -> _Setup:
             (1, *info.image_shape),
             dtype=dtype,
             remat_teacher=config.remat_teacher,
+            num_examples=info.num_train,
         ),
         optimizer=optim.make_optimizer(config.optim, steps_per_epoch, method.optimizer),
         teacher_vars=teacher_vars,
