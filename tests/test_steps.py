@@ -12,7 +12,7 @@ import optax
 import pytest
 import sklearn.datasets
 
-from bkd_jax import config_defaults, distillers, models, steps
+from bkd_jax import config_defaults, distillers, losses, models, steps
 
 NUM_CLASSES = 10
 SHAPE = (16, 8, 8, 3)  # 16 of scikit-learn's 8x8 digits, grey repeated to 3 channels
@@ -140,3 +140,28 @@ def test_a_missing_section_means_the_defaults():
     student = models.get_model("resnet8", NUM_CLASSES)
     distiller = distillers.make_distiller({"method": "dkd"}, student, teacher, SHAPE)
     assert distiller.warmup_epochs == 20
+
+
+@pytest.mark.parametrize("method", ["kd", "dkd", "dist", "wttm"])
+def test_logit_methods_standardise_both_logits_before_their_distance(method):
+    rng = np.random.default_rng(0)
+    student, teacher = (jnp.asarray(rng.normal(size=(8, 10)) * 5, jnp.float32) for _ in "st")
+    labels = jnp.asarray(rng.integers(0, 10, 8), jnp.int32)
+    knobs = {**distillers.get(method).knobs(), "standardize": True}
+    objective = distillers.get(method).build(knobs, None).objective
+    out = distillers.Forward(student, teacher, (), {}, None, None)
+    loss = objective(out, {"label": labels}, jnp.float32(0.5))
+    z_s, z_t = losses.standardize_logits(student), losses.standardize_logits(teacher)
+    expected = {
+        "kd": lambda: 0.9 * losses.kd_loss(z_s, z_t, 4.0),
+        "dkd": lambda: (
+            0.5 * losses.dkd_loss(z_s, z_t, labels, alpha=1.0, beta=8.0, temperature=4.0)
+        ),
+        "dist": lambda: losses.dist_loss(z_s, z_t, beta=2.0, gamma=2.0, temperature=4.0),
+        "wttm": lambda: 4.0 * losses.wttm_loss(z_s, z_t, gamma=0.2),
+    }[method]()
+    np.testing.assert_allclose(loss.distill, expected, rtol=1e-6)
+    ce_weight = knobs["ce_weight"]
+    np.testing.assert_allclose(
+        loss.task, ce_weight * losses.cross_entropy(student, labels), rtol=1e-6
+    )

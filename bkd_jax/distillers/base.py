@@ -24,8 +24,8 @@ from typing import Any, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
+from bkd_jax import losses
 from bkd_jax.blocknet import BlockNet, Taps, Variables
-from bkd_jax.losses import standardize_logits
 
 # Tensors a method may consume; `Method.consumes` documents which (taps: stem, block,
 # pre-activation outputs and pooled embeddings; index: each example's dataset index).
@@ -132,9 +132,36 @@ class Method:
     distance_knobs: tuple[str, ...] = ()
 
 
-def standardized(enabled: bool, *logits: jax.Array) -> tuple[jax.Array, ...]:
-    """`logits`, each z-scored per sample when `enabled` (logit standardisation)."""
-    return tuple(standardize_logits(z) for z in logits) if enabled else logits
+def distance_objective(
+    distance: str,
+    knobs: Mapping[str, Any],
+    distance_knobs: tuple[str, ...] = (),
+    *,
+    weight: str | None = None,
+    warmup: bool = False,
+) -> Objective:
+    """The objective of a logit method: `ce_weight` CE + [r(t)] [knobs[weight]] D.
+
+    D is the registered logit distance `distance` (`bkd_jax.losses.DISTANCES`) between the
+    student's and the teacher's logits, at `knobs["temperature"]` (1 if the method has
+    none), with the `distance_knobs` of `knobs`, on z-scored logits when
+    `knobs["standardize"]`; `warmup` scales it by the warm-up factor r(t).
+    """
+    own = {name: knobs[name] for name in distance_knobs}
+
+    def objective(out: Forward, batch: Mapping[str, jax.Array], r: jax.Array) -> Loss:
+        labels = batch["label"]
+        ce = losses.cross_entropy(out.student_logits, labels)
+        d = losses.distance(
+            distance, out.student_logits, out.teacher_logits, labels,
+            temperature=knobs.get("temperature", 1.0), standardize=knobs["standardize"],
+            knobs=own,
+        )  # fmt: skip
+        scale = (knobs[weight] if weight else 1.0) * (r if warmup else 1.0)
+        metrics = {"ce": ce, distance: d, **({"warmup": r} if warmup else {})}
+        return Loss(knobs["ce_weight"] * ce, scale * d, metrics)
+
+    return objective
 
 
 def warmup_factor(step: jax.Array, steps_per_epoch: int, warmup_epochs: float) -> jax.Array:

@@ -15,8 +15,10 @@ DIST is also a logit distance of Block-KD (`config.distill.blockkd.distance = "d
 
 from __future__ import annotations
 
-from bkd_jax import losses
-from bkd_jax.distillers.base import Loss, Method, Recipe, standardized
+from bkd_jax.distillers.base import Method, Recipe, distance_objective
+
+# The knobs of this method's logit distance (also Block-KD's, by this name).
+DISTANCE_KNOBS = ("beta", "gamma")
 
 
 def knobs() -> dict:
@@ -30,16 +32,8 @@ def knobs() -> dict:
 
 
 def build(k, pair) -> Recipe:
-    def objective(out, batch, warmup) -> Loss:
-        del warmup
-        ce = losses.cross_entropy(out.student_logits, batch["label"])
-        student, teacher = standardized(k["standardize"], out.student_logits, out.teacher_logits)
-        dist = losses.dist_loss(
-            student, teacher, beta=k["beta"], gamma=k["gamma"], temperature=k["temperature"]
-        )
-        return Loss(k["ce_weight"] * ce, dist, {"ce": ce, "dist": dist})
-
-    return Recipe(objective)
+    del pair
+    return Recipe(distance_objective("dist", k, DISTANCE_KNOBS))
 
 
 METHOD = Method(
@@ -47,5 +41,5 @@ METHOD = Method(
     summary="DIST: CE + inter- and intra-class Pearson relations of the predictions",
     knobs=knobs,
     build=build,
-    distance_knobs=("beta", "gamma"),
+    distance_knobs=DISTANCE_KNOBS,
 )

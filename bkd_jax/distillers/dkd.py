@@ -15,8 +15,10 @@ DKD is also a logit distance of Block-KD (`config.distill.blockkd.distance = "dk
 
 from __future__ import annotations
 
-from bkd_jax import losses
-from bkd_jax.distillers.base import Loss, Method, Recipe, standardized
+from bkd_jax.distillers.base import Method, Recipe, distance_objective
+
+# The knobs of this method's logit distance (also Block-KD's, by this name).
+DISTANCE_KNOBS = ("alpha", "beta")
 
 
 def knobs() -> dict:
@@ -31,16 +33,8 @@ def knobs() -> dict:
 
 
 def build(k, pair) -> Recipe:
-    def objective(out, batch, warmup) -> Loss:
-        ce = losses.cross_entropy(out.student_logits, batch["label"])
-        student, teacher = standardized(k["standardize"], out.student_logits, out.teacher_logits)
-        dkd = losses.dkd_loss(
-            student, teacher, batch["label"], alpha=k["alpha"], beta=k["beta"],
-            temperature=k["temperature"],
-        )  # fmt: skip
-        return Loss(k["ce_weight"] * ce, warmup * dkd, {"ce": ce, "dkd": dkd, "warmup": warmup})
-
-    return Recipe(objective)
+    del pair
+    return Recipe(distance_objective("dkd", k, DISTANCE_KNOBS, warmup=True))
 
 
 METHOD = Method(
@@ -48,5 +42,5 @@ METHOD = Method(
     summary="Decoupled KD: CE + warm-up * (alpha TCKD + beta NCKD)",
     knobs=knobs,
     build=build,
-    distance_knobs=("alpha", "beta"),
+    distance_knobs=DISTANCE_KNOBS,
 )

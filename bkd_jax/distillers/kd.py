@@ -14,28 +14,21 @@ KD is also a logit distance of Block-KD (`config.distill.blockkd.distance = "kd"
 
 from __future__ import annotations
 
-from bkd_jax import losses
-from bkd_jax.distillers.base import Loss, Method, Recipe, standardized
+from bkd_jax.distillers.base import Method, Recipe, distance_objective
 
 
 def knobs() -> dict:
     return {
         "temperature": 4.0,  # mdistiller engine/cfg.py CFG.KD.TEMPERATURE
         "ce_weight": 0.1,  # mdistiller engine/cfg.py CFG.KD.LOSS.CE_WEIGHT
-        "kd_weight": 0.9,  # mdistiller engine/cfg.py CFG.KD.LOSS.KD_WEIGHT
+        "kd_weight": 0.9,  # mdistiller engine/cfg.py CFG.KD.LOSS.KD_WEIGHT; no warm-up
         "standardize": False,  # logit standardisation (Sun et al., CVPR 2024)
     }
 
 
 def build(k, pair) -> Recipe:
-    def objective(out, batch, warmup) -> Loss:
-        del warmup  # mdistiller's KD has no warm-up
-        ce = losses.cross_entropy(out.student_logits, batch["label"])
-        student, teacher = standardized(k["standardize"], out.student_logits, out.teacher_logits)
-        kd = losses.kd_loss(student, teacher, k["temperature"])
-        return Loss(k["ce_weight"] * ce, k["kd_weight"] * kd, {"ce": ce, "kd": kd})
-
-    return Recipe(objective)
+    del pair
+    return Recipe(distance_objective("kd", k, weight="kd_weight"))
 
 
 METHOD = Method(

@@ -17,8 +17,10 @@ temperature, which this distance ignores).
 
 from __future__ import annotations
 
-from bkd_jax import losses
-from bkd_jax.distillers.base import Loss, Method, Recipe, standardized
+from bkd_jax.distillers.base import Method, Recipe, distance_objective
+
+# The knobs of this method's logit distance (also Block-KD's, by this name).
+DISTANCE_KNOBS = ("gamma",)
 
 
 def knobs() -> dict:
@@ -31,14 +33,8 @@ def knobs() -> dict:
 
 
 def build(k, pair) -> Recipe:
-    def objective(out, batch, warmup) -> Loss:
-        del warmup
-        ce = losses.cross_entropy(out.student_logits, batch["label"])
-        student, teacher = standardized(k["standardize"], out.student_logits, out.teacher_logits)
-        wttm = losses.wttm_loss(student, teacher, gamma=k["gamma"])
-        return Loss(k["ce_weight"] * ce, k["wttm_weight"] * wttm, {"ce": ce, "wttm": wttm})
-
-    return Recipe(objective)
+    del pair
+    return Recipe(distance_objective("wttm", k, DISTANCE_KNOBS, weight="wttm_weight"))
 
 
 METHOD = Method(
@@ -46,5 +42,5 @@ METHOD = Method(
     summary="WTTM: CE + sample-weighted match to the power-transformed teacher",
     knobs=knobs,
     build=build,
-    distance_knobs=("gamma",),
+    distance_knobs=DISTANCE_KNOBS,
 )
