@@ -34,7 +34,7 @@ from typing import Any
 import jax
 from absl import app, flags, logging
 
-from bkd_jax import distillers, report
+from bkd_jax import report
 from bkd_jax.sweep import load_config_file
 from bkd_jax.training import loop
 
@@ -50,9 +50,9 @@ Record = dict[str, Any]
 
 def run_plan(methods: Sequence[str], seeds: int) -> list[tuple[str, int]]:
     """(row, seed) of every run in order: the teacher, then all methods seed by seed."""
-    unknown = [m for m in methods if m not in distillers.METHODS]
+    unknown = [m for m in methods if m not in report.method_names()]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; known: {', '.join(distillers.METHODS)}")
+        raise ValueError(f"unknown methods {unknown}; known: {', '.join(report.method_names())}")
     if seeds < 1:
         raise ValueError(f"seeds must be at least 1, got {seeds}")
     return [(TEACHER, 0)] + [(m, s) for s in range(seeds) for m in methods]
@@ -163,7 +163,7 @@ def define_flags() -> None:
     """The command line's flags; only when run as a program, so importing defines none."""
     flags.DEFINE_string("workdir", None, "Directory for the runs, table and plot.", required=True)
     flags.DEFINE_integer("seeds", 3, "Student runs per method, with seeds 0, 1, ...")
-    flags.DEFINE_list("methods", list(distillers.METHODS), "Student methods, in table order.")
+    flags.DEFINE_list("methods", list(report.method_names()), "Student methods, in table order.")
     flags.DEFINE_bool("quick", False, "One epoch per run: a smoke test of the demo.")
     flags.DEFINE_string("config", str(_DEFAULT_CONFIG), "The demo's config file.")
 

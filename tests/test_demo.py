@@ -12,7 +12,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from bkd_jax import demo, distillers, report, sweep
+from bkd_jax import demo, report, sweep
 from bkd_jax.training import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def test_teacher_config_trains_on_all_digits():
     loop.validate_config(config)
 
 
-@pytest.mark.parametrize("method", distillers.METHODS)
+@pytest.mark.parametrize("method", report.method_names())
 def test_student_configs_are_valid_and_share_everything_but_the_method(method):
     config = get_config(f"method={method},seed=2")
     config.teacher_checkpoint = "/somewhere"
