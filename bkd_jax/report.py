@@ -21,7 +21,9 @@ root, say), searched recursively. The reporting protocol:
 - "teacher" is the teacher's top-1 as the distilled runs evaluated it; "stoneK" stepping-
   stone K's top-1 at the last evaluation (Block-KD runs).
 - "images/s" is the global batch size over the median of the logged
-  `train/seconds_per_step` (the first interval includes compilation), mean over seeds.
+  `train/seconds_per_step`, mean over seeds. Those are wall-clock times between logged
+  steps, so the first includes compilation and any evaluation or checkpoint in between
+  counts: a measure of the run, not of the step (that is `bkd_jax.bench`).
 
 The functions below are the pieces: `find_runs`, `load_run`, `summarize`, the three
 formats, `draw_bars` / `draw_curves` on Matplotlib axes and the two figures built from
@@ -65,7 +67,7 @@ LEGEND = (
     "evaluation. published: mdistiller's / RepDistiller's figure (bkd_jax/published.py); "
     "Δ best = best − published. teacher: the teacher's top-1 as the distilled runs "
     "evaluated it. stoneK: stepping-stone K at the last evaluation. images/s: global batch "
-    "over the median seconds per logged step, mean over seeds."
+    "over the median wall-clock seconds per logged step, mean over seeds."
 )
 
 Row = dict[str, Any]
@@ -90,8 +92,8 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 class Run:
     """A finished run: its workdir, config and results, and the row it belongs to.
 
-    `label` (the row's method column) and `teacher_run` (a teacher's own training, drawn
-    as the teacher's line in plots) come from the config unless given.
+    `teacher_run` marks a teacher's own training (its row is labelled "teacher" and drawn
+    as the teacher's line in plots); `label` is the row's method column.
     """
 
     path: pathlib.Path
@@ -134,7 +136,12 @@ def is_finished(run_dir: str | pathlib.Path) -> bool:
 def load_run(
     run_dir: str | pathlib.Path, *, label: str | None = None, teacher_run: bool | None = None
 ) -> Run:
-    """The finished run in `run_dir`; ValueError when it is not one."""
+    """The finished run in `run_dir`; ValueError when it is not one.
+
+    Unless given, `teacher_run` is whether it is a "ce" run of a model as its own teacher
+    (`find_runs` knows better when other runs distil from it) and `label` is "teacher" for
+    a teacher run, else the method.
+    """
     run_dir = pathlib.Path(run_dir)
     if not is_finished(run_dir):
         raise ValueError(f"{run_dir} holds no finished training run ({loop.RESULTS_FILE})")
@@ -143,14 +150,41 @@ def load_run(
     method = config["distill"]["method"]
     if teacher_run is None:
         teacher_run = method == "ce" and config["teacher"] == config["student"]
-    return Run(run_dir, config, results, label or method, teacher_run)
+    return Run(run_dir, config, results, label or _label(method, teacher_run), teacher_run)
+
+
+def _label(method: str, teacher_run: bool) -> str:
+    return "teacher" if teacher_run else method
+
+
+def _mark_teachers(runs: Sequence[Run]) -> list[Run]:
+    """Teacher runs are the runs others distil from (their `teacher_checkpoint`).
+
+    Without any such run (teachers converted from PyTorch, or not among `runs`), `load_run`'s
+    guess stands. The guess alone would take the "ce" baseline of a student with the
+    teacher's architecture for a teacher.
+    """
+    referenced = {
+        pathlib.Path(r.config["teacher_checkpoint"]).resolve()
+        for r in runs
+        if r.method != "ce" and r.config.get("teacher_checkpoint")
+    }
+    if not any(r.path.resolve() in referenced for r in runs):
+        return list(runs)
+    marked = []
+    for run in runs:
+        is_teacher = run.path.resolve() in referenced
+        label = _label(run.method, is_teacher)
+        marked.append(dataclasses.replace(run, teacher_run=is_teacher, label=label))
+    return marked
 
 
 def _sort_key(run: Run) -> tuple:
     """Data set, teacher, its own run first, student, methods in registry order."""
     methods = method_names()
     rank = methods.index(run.method) if run.method in methods else len(methods)
-    return (run.dataset, run.teacher, not run.teacher_run, run.student, rank, str(run.path))
+    teacher = run.student if run.teacher_run else run.teacher
+    return (run.dataset, teacher, not run.teacher_run, run.student, rank, str(run.path))
 
 
 def find_runs(paths: Iterable[str | pathlib.Path]) -> tuple[list[Run], list[pathlib.Path]]:
@@ -165,7 +199,7 @@ def find_runs(paths: Iterable[str | pathlib.Path]) -> tuple[list[Run], list[path
                 runs.append(load_run(config.parent))
             else:
                 skipped.append(config.parent)
-    return sorted(runs, key=_sort_key), skipped
+    return sorted(_mark_teachers(runs), key=_sort_key), skipped
 
 
 def metrics_by_step(run_dir: pathlib.Path) -> dict[int, dict[str, float]]:
@@ -216,7 +250,8 @@ def _stone_number(name: str) -> int:
 
 
 def pair_name(teacher: str, student: str, teacher_run: bool) -> str:
-    return teacher if teacher_run else f"{teacher} -> {student}"
+    """ "T -> S", or the model a teacher run trains."""
+    return student if teacher_run else f"{teacher} -> {student}"
 
 
 def _differing_settings(groups: Sequence[Sequence[Run]]) -> list[str]:
@@ -422,7 +457,7 @@ def draw_bars(ax, rows: Sequence[Row], teacher_rows: Sequence[Row] = ()) -> None
         ylabel="student top-1 (%)",
         title=f"{', '.join(pairs)}: mean ± std over seeds",
     )
-    ax.set_ylim(bottom=max(0.0, lowest - 5))
+    ax.set_ylim(bottom=max(0.0, lowest - 5), top=min(ax.get_ylim()[1], 101.0))
     ax.tick_params(axis="x", labelrotation=30)
     ax.legend(loc="best", fontsize=8)
 
@@ -459,7 +494,7 @@ def _blocks(rows: Sequence[Row]) -> list[tuple[list[Row], list[Row]]]:
     return [
         (
             [r for r in students if (r["dataset"], r["teacher"], r["student"]) == key],
-            [r for r in teachers if (r["dataset"], r["teacher"]) == key[:2]],
+            [r for r in teachers if (r["dataset"], r["student"]) == key[:2]],
         )
         for key in keys
     ]

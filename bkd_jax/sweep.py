@@ -230,7 +230,7 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     args = flags.FLAGS
-    root = pathlib.Path(args.root)
+    root = pathlib.Path(args.root).resolve()  # absolute: the report matches teacher paths
     module = load_config_file(args.config)
     try:
         runs = plan(

@@ -39,11 +39,13 @@ def write_run(
     seconds: tuple[float, ...] = (0.2,),
     schedule: str = "step",
     finished: bool = True,
+    teacher_checkpoint: pathlib.Path | None = None,
 ) -> None:
     config = base_config("cifar100", teacher=teacher, student=student, method=method)
     config.seed = seed
     config.optim.schedule = schedule
-    config.teacher_checkpoint = f"/checkpoints/{teacher}/{seed}"  # paths do not split rows
+    # Paths do not split rows: the teacher's, or an unrelated one per seed.
+    config.teacher_checkpoint = str(teacher_checkpoint or f"/checkpoints/{teacher}/{seed}")
     config.log_every_steps = 10 + seed  # nor do logging settings
     last = {"eval/student/top1": top1[0], "eval/student/top5": top5[0], "step": 40, "epoch": 4.0}
     best = {"eval/student/top1": top1[1], "eval/student/top5": top5[1], "step": 30, "epoch": 3.0}
@@ -74,18 +76,20 @@ STONES = {"stone3": (0.78, 0.79), "stone1": (0.60, 0.62), "stone2": (0.70, 0.71)
 @pytest.fixture(scope="module")
 def runs_root(tmp_path_factory) -> pathlib.Path:
     root = tmp_path_factory.mktemp("runs")
-    write_run(root / "teachers" / T, method="ce", teacher=T, student=T, top1=(0.7900, 0.7950))
+    teacher = root / "teachers" / T
+    write_run(teacher, method="ce", teacher=T, student=T, top1=(0.7900, 0.7950))
     for seed in range(3):
         write_run(
             root / "kd" / f"seed{seed}", method="kd", seed=seed,
             top1=(KD_LAST[seed], KD_BEST[seed]), top5=KD_TOP5[seed], teacher_top1=0.795,
-            seconds=KD_SECONDS[seed],
+            seconds=KD_SECONDS[seed], teacher_checkpoint=teacher,
         )  # fmt: skip
     for seed in range(2):
         write_run(
             root / "blockkd" / f"seed{seed}", method="blockkd", seed=seed,
             top1=(BKD_LAST[seed], BKD_BEST[seed]), teacher_top1=0.795,
             stones={name: values[seed] for name, values in STONES.items()},
+            teacher_checkpoint=teacher,
         )  # fmt: skip
     write_run(root / "ce" / "seed0", method="ce", top1=(0.7250, 0.7262))
     write_run(root / "kd_cosine" / "seed0", method="kd", top1=(0.7410, 0.7450), schedule="cosine")
@@ -135,7 +139,8 @@ def test_markdown_table_is_exact(runs_root):
     bkd_delta = ""  # no published Block-KD figure for this pair in mdistiller's README
     top5_last, top5_best = zip(*KD_TOP5, strict=True)
     assert lines[2:] == [
-        f"| {T} | ce |  | 1 | 79.00 | 79.50 | 79.42 | +0.08 | 90.00 | 91.00 |  |  |  |  | 320 |",
+        f"| {T} | teacher |  | 1 | 79.00 | 79.50 | 79.42 | +0.08 | 90.00 | 91.00 |  |  |  |  | "
+        "320 |",
         f"| {pair} | ce |  | 1 | 72.50 | 72.62 | 72.50 | +0.12 | 90.00 | 91.00 |  |  |  |  | 320 |",
         f"| {pair} | kd | optim.schedule=step | 3 | {cell(KD_LAST)} | {cell(KD_BEST)} | 73.33 | "
         f"{kd_delta:+.2f} | {cell(top5_last)} | {cell(top5_best)} | 79.50 ± 0.00 |  |  |  | "
@@ -154,7 +159,7 @@ def test_csv_and_json_carry_the_unformatted_numbers(runs_root):
     rows = report.summarize(runs)
     table = list(csv.DictReader(io.StringIO(report.csv_table(rows))))
     assert [(r["label"], r["settings"], r["seeds"]) for r in table] == [
-        ("ce", "", "1"), ("ce", "", "1"), ("kd", "optim.schedule=step", "3"),
+        ("teacher", "", "1"), ("ce", "", "1"), ("kd", "optim.schedule=step", "3"),
         ("kd", "optim.schedule=cosine", "1"), ("blockkd", "", "2"),
     ]  # fmt: skip
     kd = table[2]
@@ -167,6 +172,28 @@ def test_csv_and_json_carry_the_unformatted_numbers(runs_root):
     assert payload["skipped"] == [str(runs_root / "dkd" / "seed0")]
     assert [len(r["runs"]) for r in payload["rows"]] == [1, 1, 3, 1, 2]
     assert payload["rows"][4]["stone1_top1_std"] == pytest.approx(100 * np.std((0.6, 0.62), ddof=1))
+
+
+def test_teachers_are_the_runs_students_distil_from(tmp_path):
+    """A student with its teacher's architecture: its CE baseline is no teacher run."""
+    teacher = tmp_path / "teachers" / "resnet8"
+    write_run(teacher, method="ce", teacher="resnet8", student="resnet8", top1=(0.99, 0.99))
+    for method in ("ce", "kd"):
+        write_run(
+            tmp_path / method, method=method, teacher="resnet8", student="resnet8",
+            top1=(0.9, 0.9), teacher_checkpoint=teacher,
+        )  # fmt: skip
+    # Each alone looks like a teacher's own run: ce, teacher and student the same model.
+    assert report.load_run(tmp_path / "ce").teacher_run
+    runs, _ = report.find_runs([tmp_path])
+    assert [(r.label, r.teacher_run) for r in runs] == [
+        ("teacher", True), ("ce", False), ("kd", False),
+    ]  # fmt: skip
+    rows = report.summarize(runs)
+    assert [(r["pair"], r["label"], r["settings"]) for r in rows] == [
+        ("resnet8", "teacher", ""), ("resnet8 -> resnet8", "ce", ""),
+        ("resnet8 -> resnet8", "kd", ""),
+    ]  # fmt: skip
 
 
 def test_curves_are_against_epoch_and_keep_the_last_line_of_a_repeated_step(tmp_path):

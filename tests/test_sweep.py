@@ -140,9 +140,12 @@ def test_sweep_on_digits_finishes_skips_when_rerun_and_resumes(tmp_path):
 
     # An interrupted run (here: its results gone, its checkpoints kept) resumes.
     (root / NAMES[3] / "results.json").unlink()
-    resumed = _sweep(*args)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _progress(resumed.stdout) == [
+    module = sweep.load_config_file(ROOT / "configs" / "demo.py")
+    plan = sweep.plan(module, root, [("resnet8", "resnet8")], ["kd", "dkd"], [0, 1])
+    commands = [sweep.command(r, "configs/demo.py", ["--config.num_epochs=1"]) for r in plan]
+    lines: list[str] = []
+    sweep.execute(plan, commands, env=sweep.subprocess_env(root), log=lines.append)
+    assert _progress("\n".join(lines)) == [
         *skipped[:3],
         f"[4/5] {NAMES[3]}: resuming",
         f"[4/5] {NAMES[3]}: done",
@@ -151,14 +154,16 @@ def test_sweep_on_digits_finishes_skips_when_rerun_and_resumes(tmp_path):
     assert report.load_run(root / NAMES[3]).results == runs[3].results
 
 
-def test_sweep_stops_at_a_failed_run_and_says_how_to_go_on(tmp_path):
-    root = tmp_path / "digits"
-    args = [*DIGITS, "--methods=kd,dkd", "--seeds=0", f"--root={root}"]
-    done = _sweep(*args, "--teacher_checkpoints=resnet8=/no/such/teacher")
-    assert done.returncode == 1
-    assert _progress(done.stdout) == ["[1/2] resnet8_resnet8/kd/seed0: starting"]
-    message = done.stderr[done.stderr.index("Sweep stopped:") :]
-    assert message.startswith("Sweep stopped: [1/2] resnet8_resnet8/kd/seed0 failed (exit code 1).")
-    assert f"workdir: {root}/resnet8_resnet8/kd/seed0" in message
-    assert "rerun the same sweep command" in message
-    assert not (root / "resnet8_resnet8" / "dkd").exists()
+@pytest.mark.parametrize(
+    ("code", "why"), [(3, "failed (exit code 3)"), (0, "stopped before its last step")]
+)
+def test_sweep_stops_at_a_failed_or_unfinished_run_and_says_how_to_go_on(tmp_path, code, why):
+    plan = [sweep.PlannedRun(f"run{i}", tmp_path / f"run{i}", "method=kd") for i in range(2)]
+    commands = [[PY, "-c", f"raise SystemExit({code})"], [PY, "-c", "raise SystemExit(4)"]]
+    lines: list[str] = []
+    with pytest.raises(sweep.SweepError) as error:
+        sweep.execute(plan, commands, log=lines.append)
+    assert _progress("\n".join(lines)) == ["[1/2] run0: starting"]  # run1 never starts
+    assert str(error.value).startswith(f"[1/2] run0 {why}.\n  command: {PY} -c ")
+    assert f"workdir: {tmp_path}/run0" in str(error.value)
+    assert "rerun the same sweep command" in str(error.value)
