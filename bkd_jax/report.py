@@ -549,7 +549,10 @@ def main(argv: list[str]) -> None:
     if len(argv) < 2:
         raise app.UsageError("give one or more run workdirs or folders of them")
     args = flags.FLAGS
-    runs, skipped = find_runs(argv[1:])
+    try:
+        runs, skipped = find_runs(argv[1:])
+    except FileNotFoundError as e:
+        raise app.UsageError(str(e)) from None
     if not runs:
         raise app.UsageError(f"no finished runs under {', '.join(argv[1:])}")
     rows = summarize(runs)

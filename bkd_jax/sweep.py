@@ -21,7 +21,7 @@ checkpoint (the trainer's resume), so after any stop, rerunning the same command
 continues the sweep. A finished run is never retrained, so to change settings use another
 `--root` (the trainer refuses to resume a workdir with a different config). The sweep stops
 at the first run that fails or ends unfinished (preempted), saying which and how to go on,
-and at the end prints `bkd_jax.report`'s table of its runs.
+and at the end prints `bkd_jax.report`'s table of the runs under `--root`.
 
 Runs go one after another, each on every accelerator its process sees. Spreading runs over
 device groups is not built in; start one sweep per group with its own
@@ -253,8 +253,8 @@ def main(argv: list[str]) -> None:
     except SweepError as e:
         print(f"Sweep stopped: {e}", file=sys.stderr)
         sys.exit(1)
-    rows = report.summarize([report.load_run(run.workdir) for run in runs])
-    print("\n" + report.render(rows, "md"), end="")
+    found, skipped = report.find_runs([root])
+    print("\n" + report.render(report.summarize(found), "md", skipped), end="")
 
 
 if __name__ == "__main__":

@@ -126,10 +126,10 @@ def test_sweep_on_digits_finishes_skips_when_rerun_and_resumes(tmp_path):
     # Distilled from the teacher trained first: they evaluate its best checkpoint.
     teacher_best = runs[0].results["best"][report.TOP1]
     assert {r.results["last"][report.TEACHER_TOP1] for r in runs[1:]} == {teacher_best}
-    table = report.markdown_table(report.summarize(runs))
+    table = report.markdown_table(report.summarize(report.find_runs([root])[0]))
     assert table in done.stdout
     assert [line.split(" | ")[1:3] for line in table.splitlines()[2:]] == [
-        ["ce", "1"], ["kd", "2"], ["dkd", "2"],
+        ["teacher", "1"], ["kd", "2"], ["dkd", "2"],
     ]  # fmt: skip
 
     again = _sweep(*args)
