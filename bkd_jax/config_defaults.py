@@ -46,6 +46,7 @@ def optim_config(learning_rate: float, decay_epochs, weight_decay: float):
         {
             "name": "sgd",  # sgd | dot (a method may require one: dot requires dot)
             "learning_rate": learning_rate,
+            "schedule": "step",  # step (mdistiller's) | cosine; see bkd_jax/optim.py
             "momentum": 0.9,
             "nesterov": False,
             "weight_decay": weight_decay,

@@ -15,29 +15,28 @@ an interrupted demo continues where it stopped; compiled steps are cached in
 Written to `--workdir`:
 
     demo_results.json   every run (config argument, seconds, the trainer's summary) and
-                        the table's numbers; rewritten after each run
-    demo_table.md       test top-1 per method, mean ± std over seeds, at the best and the
-                        last evaluation
-    demo.png            top-1 per method, and the training curves of seed 0
+                        the table's rows; rewritten after each run
+    demo_table.md       `bkd_jax.report`'s table of the runs: test top-1 per method, mean ±
+                        std over seeds, at the last and the best evaluation, and more
+    demo.png            top-1 per method, and the training curves (mean over seeds)
+
+The table and the plot are `bkd_jax.report`'s, which reports any set of runs the same way.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
-import statistics
 import time
 from collections.abc import Callable, Sequence
-from types import ModuleType
 from typing import Any
 
 import jax
 from absl import app, flags, logging
 
-from bkd_jax import distillers
+from bkd_jax import distillers, report
+from bkd_jax.sweep import load_config_file
 from bkd_jax.training import loop
-from bkd_jax.training.metric_writers import METRICS_FILE
 
 TOP1 = loop.BEST_METRIC
 TEACHER = "teacher"
@@ -49,16 +48,6 @@ PLOT_FILE = "demo.png"
 _DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
 
 Record = dict[str, Any]
-
-
-def load_config_file(path: str | pathlib.Path) -> ModuleType:
-    """A config file as a module; configs/ is a folder of files, not a package."""
-    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
-    if spec is None or spec.loader is None:
-        raise ValueError(f"cannot load config file {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_plan(methods: Sequence[str], seeds: int) -> list[tuple[str, int]]:
@@ -130,115 +119,27 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def stone_names(records: Sequence[Record]) -> list[str]:
-    """The stepping-stones any run evaluated ('stone1', ...), in order."""
-    found = {k.split("/")[1] for r in records for k in r["last"] if k.startswith("eval/stone")}
-    return sorted(found, key=lambda s: int(s.removeprefix("stone")))
+def report_runs(workdir: pathlib.Path, records: Sequence[Record]) -> list[report.Run]:
+    """The runs of `records` for `bkd_jax.report`, labelled with their rows."""
+    return [
+        report.load_run(workdir / r["name"], label=r["row"], teacher_run=r["row"] == TEACHER)
+        for r in records
+    ]
 
 
-def summarize(records: Sequence[Record]) -> list[Record]:
-    """One row per method in run order: the per-seed values of every number reported.
-
-    "best" and "last" are the student's test top-1 at its best and at its last evaluation,
-    "stoneK" stepping-stone K's at the last (runs without that stone are left out).
-    """
-    stones = stone_names(records)
-    rows = []
-    for row in dict.fromkeys(r["row"] for r in records):
-        runs = [r for r in records if r["row"] == row]
-        values = {
-            "best": [r["best"][TOP1] for r in runs],
-            "last": [r["last"][TOP1] for r in runs],
-            **{s: [r["last"][f"eval/{s}/top1"] for r in runs if f"eval/{s}/top1" in r["last"]]
-               for s in stones},
-            "seconds": [r["seconds"] for r in runs],
-        }  # fmt: skip
-        rows.append({"row": row, "seeds": len(runs), **values})
-    return rows
-
-
-def mean_std(values: Sequence[float]) -> str:
-    """Fractions as 'mean ± std' in percent (sample std); the mean alone for one value."""
-    if not values:
-        return ""
-    mean = f"{100 * statistics.fmean(values):.1f}"
-    return mean if len(values) < 2 else f"{mean} ± {100 * statistics.stdev(values):.1f}"
-
-
-def markdown_table(rows: Sequence[Record]) -> str:
-    """`summarize`'s rows as a Markdown table."""
-    stones = [k for k in rows[0] if k.startswith("stone")]
-    header = ["run", "seeds", "top-1 best (%)", "top-1 last (%)"]
-    header += [f"{s} last (%)" for s in stones] + ["seconds / run"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [row["row"], str(row["seeds"]), mean_std(row["best"]), mean_std(row["last"])]
-        cells += [mean_std(row[s]) for s in stones]
-        cells.append(f"{statistics.fmean(row['seconds']):.0f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def read_curves(run_dir: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
-    """(step, value) series of one run: the student's training cross-entropy and test top-1.
-
-    metrics.jsonl repeats steps after a resume; the last line of a step wins.
-    """
-    by_step: dict[int, Record] = {}
-    for line in (run_dir / METRICS_FILE).read_text().splitlines():
-        record = json.loads(line)
-        by_step.setdefault(record["step"], {}).update(record)
-    curves: dict[str, list[tuple[int, float]]] = {"train_ce": [], "test_top1": []}
-    for step in sorted(by_step):
-        record = by_step[step]
-        # ce, kd and dkd log the student's CE as "ce", Block-KD as "ce_student".
-        ce = record.get("train/ce", record.get("train/ce_student"))
-        if ce is not None:
-            curves["train_ce"].append((step, ce))
-        if TOP1 in record:
-            curves["test_top1"].append((step, record[TOP1]))
-    return curves
-
-
-def plot(path: pathlib.Path, rows: Sequence[Record], records: Sequence[Record]) -> None:
-    """Top-1 per method with error bars, and seed 0's training curves per method, as a PNG.
-
-    `records` must have their run directories beside `path`.
-    """
+def plot(path: pathlib.Path, runs: Sequence[report.Run], rows: Sequence[report.Row]) -> None:
+    """Top-1 per method with error bars, the training cross-entropy and test top-1 per
+    method (mean over seeds), side by side, as a PNG."""
     import matplotlib  # Imported here: only the plot needs it.
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (bars, losses, accuracy) = plt.subplots(1, 3, figsize=(17, 4.8))
-    students = [r for r in rows if r["row"] != TEACHER]
-    teacher = next(r for r in rows if r["row"] == TEACHER)
-    teacher_top1 = 100 * teacher["best"][0]
-    lowest = min([teacher_top1] + [100 * min(r["best"] + r["last"]) for r in students])
-    xs = range(len(students))
-    for offset, key in ((-0.2, "best"), (0.2, "last")):
-        means = [100 * statistics.fmean(r[key]) for r in students]
-        spread = [100 * statistics.stdev(r[key]) if len(r[key]) > 1 else 0 for r in students]
-        bars.bar([x + offset for x in xs], means, 0.4, yerr=spread, capsize=4, label=key)
-    seeds = max((r["seeds"] for r in students), default=1)
-    bars.set(
-        xticks=list(xs), xticklabels=[r["row"] for r in students], ylabel="test top-1 (%)",
-        ylim=(max(0, lowest - 3), 101), title=f"Student test top-1, mean ± std of {seeds} seeds",
-    )  # fmt: skip
-    for axis in (bars, accuracy):
-        axis.axhline(teacher_top1, color="k", ls="--", lw=1, label="teacher")
-    for record in (r for r in records if r["row"] != TEACHER and r["seed"] == 0):
-        curves = read_curves(path.parent / record["name"])
-        losses.plot(*zip(*curves["train_ce"], strict=True), label=record["row"])
-        top1 = [(step, 100 * value) for step, value in curves["test_top1"]]
-        accuracy.plot(*zip(*top1, strict=True), marker=".", label=record["row"])
-    losses.set(yscale="log", xlabel="step", ylabel="student's cross-entropy on its batch",
-               title="Training cross-entropy (seed 0)")  # fmt: skip
-    accuracy.set(xlabel="step", ylabel="test top-1 (%)", ylim=(max(0, lowest - 8), 100),
-                 title="Student test top-1 during training (seed 0)")  # fmt: skip
-    bars.legend(loc="upper center", ncols=3, fontsize=8)
-    losses.legend(loc="upper right", fontsize=8)
-    accuracy.legend(loc="lower right", fontsize=8)
+    students = [r for r in rows if not r["teacher_run"]]
+    teachers = [r for r in rows if r["teacher_run"]]
+    report.draw_bars(bars, students, teachers)
+    report.draw_curves({"ce": losses, "top1": accuracy}, runs, students)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -251,11 +152,12 @@ def _write_json(workdir: pathlib.Path, records: Sequence[Record], table: Any) ->
 
 def write_outputs(workdir: pathlib.Path, records: Sequence[Record]) -> str:
     """Writes demo_results.json, demo_table.md and demo.png; returns the table."""
-    rows = summarize(records)
-    table = markdown_table(rows)
+    runs = report_runs(workdir, records)
+    rows = report.summarize(runs)
+    table = report.markdown_table(rows)
     _write_json(workdir, records, rows)
     (workdir / TABLE_FILE).write_text(table)
-    plot(workdir / PLOT_FILE, rows, records)
+    plot(workdir / PLOT_FILE, runs, rows)
     return table
 
 
@@ -285,6 +187,7 @@ def main(argv: list[str]) -> None:
     table = write_outputs(workdir, records)
     print(f"\nTest top-1 on the 360 held-out digits ({time.monotonic() - start:.0f} s in all):")
     print(table)
+    print(report.LEGEND + "\n")
     print(f"Written: {workdir}/{{{RESULTS_FILE}, {TABLE_FILE}, {PLOT_FILE}}}")
 
 

@@ -1,8 +1,16 @@
 """The optimizers of mdistiller's recipes: SGD with momentum and L2 decay, and DOT.
 
 PyTorch's `SGD(weight_decay=wd)` adds `wd * w` to the gradient before momentum; optax's
-`add_decayed_weights` placed before `sgd` does the same. The learning rate drops by
-`decay_factor` at each epoch in `decay_epochs`, an optional linear warm-up first.
+`add_decayed_weights` placed before `sgd` does the same.
+
+Learning-rate schedules (`optim.schedule`), each after an optional linear warm-up from 0
+over `warmup_epochs`:
+
+- ``step`` (mdistiller's): the rate drops by `decay_factor` at each epoch in
+  `decay_epochs`, counted from the start of training (warm-up included).
+- ``cosine``: from `learning_rate` at the end of the warm-up to 0 at the last step,
+  ``lr * (1 + cos(pi * t / T)) / 2`` with t the steps since the warm-up and T the steps
+  left after it (Loshchilov & Hutter, SGDR); `decay_epochs` is ignored.
 
 DOT, the Distillation-Oriented Trainer (Zhao et al., ICCV 2023; mdistiller
 engine/dot.py), keeps two momentum buffers: one for the gradient of the task loss (with
@@ -23,13 +31,33 @@ import jax.numpy as jnp
 import optax
 
 OPTIMIZERS = ("sgd", "dot")
+SCHEDULES = ("step", "cosine")
 
 
-def learning_rate_schedule(cfg, steps_per_epoch: int) -> optax.Schedule:
-    """Piecewise-constant learning rate over steps from `cfg` (an `optim` config)."""
-    boundaries = {int(e * steps_per_epoch): cfg.decay_factor for e in cfg.decay_epochs}
-    schedule = optax.piecewise_constant_schedule(cfg.learning_rate, boundaries)
+def learning_rate_schedule(
+    cfg, steps_per_epoch: int, total_steps: int | None = None
+) -> optax.Schedule:
+    """The learning rate over steps from `cfg` (an `optim` config).
+
+    `total_steps` (the run's length) is needed by the cosine schedule only.
+    """
+    kind = cfg.get("schedule", "step")
     warmup_steps = int(cfg.get("warmup_epochs", 0) * steps_per_epoch)
+    if kind == "step":
+        # After the warm-up, join_schedules counts steps from its end: shift the boundaries.
+        boundaries = {
+            int(e * steps_per_epoch) - warmup_steps: cfg.decay_factor for e in cfg.decay_epochs
+        }
+        schedule = optax.piecewise_constant_schedule(cfg.learning_rate, boundaries)
+    elif kind == "cosine":
+        if total_steps is None or total_steps <= warmup_steps:
+            raise ValueError(
+                f"the cosine schedule needs total_steps beyond the {warmup_steps} warm-up "
+                f"steps, got {total_steps}"
+            )
+        schedule = optax.cosine_decay_schedule(cfg.learning_rate, total_steps - warmup_steps)
+    else:
+        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {kind!r}")
     if not warmup_steps:
         return schedule
     ramp = optax.linear_schedule(0.0, cfg.learning_rate, warmup_steps)
@@ -77,17 +105,18 @@ def dot(
 
 
 def make_optimizer(
-    cfg, steps_per_epoch: int, name: str | None = None
+    cfg, steps_per_epoch: int, name: str | None = None, total_steps: int | None = None
 ) -> optax.GradientTransformation | SplitGradientTransformation:
     """The optimizer `name` (default `cfg.name`) of an `optim` config.
 
     "sgd": SGD (momentum, nesterov off by default) with weight decay on every parameter.
     "dot": DOT with the same learning rate, momentum and weight decay, and `cfg.dot_delta`.
+    `total_steps` is the length of the run (the cosine schedule needs it).
     """
     name = name or cfg.get("name", "sgd")
     if name not in OPTIMIZERS:
         raise ValueError(f"config.optim.name must be one of {OPTIMIZERS}, got {name!r}")
-    schedule = learning_rate_schedule(cfg, steps_per_epoch)
+    schedule = learning_rate_schedule(cfg, steps_per_epoch, total_steps)
     if name == "dot":
         return dot(schedule, cfg.momentum, cfg.dot_delta, cfg.weight_decay)
     return optax.chain(

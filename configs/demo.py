@@ -1,9 +1,11 @@
 r"""The demo study on scikit-learn's handwritten digits: minutes on a 2-core CPU, no download.
 
 Arguments (`configs/demo.py:key=value,...`): role (teacher | student; default student),
-method (any of `bkd_jax.distillers.available()`; default blockkd; students only), seed
-(default 0), quick (1: one epoch per run, a smoke test; default 0). `PAIRS` is the one
-teacher -> student pair, resnet8 -> resnet8.
+teacher and student (default resnet8 both), method (any of
+`bkd_jax.distillers.available()`; default blockkd; students only), seed (default 0), quick
+(1: one epoch per run, a smoke test; default 0). `PAIRS` is the one teacher -> student
+pair, resnet8 -> resnet8. A teacher's own run is `role=teacher` (`teacher_argument`):
+its student-sized CE baseline has the teacher's architecture too.
 
 The setting: a resnet8 teacher trained on all 1437 training digits, and resnet8 students
 that see only the first 150 of them, trained with each method against that teacher. With
@@ -57,8 +59,14 @@ ROLES = ("teacher", "student")
 PAIRS = ((TEACHER, STUDENT),)
 
 
+def teacher_argument(teacher: str) -> str:
+    """The config argument of `teacher`'s own run (for `bkd_jax.sweep`)."""
+    return f"role=teacher,teacher={teacher}"
+
+
 def _parse(arg: str | None) -> dict[str, str]:
-    args = parse_arguments(arg, dict(role="student", method="blockkd", seed="0", quick="0"))
+    defaults = dict(role="student", teacher=TEACHER, student=STUDENT, method="blockkd")
+    args = parse_arguments(arg, {**defaults, "seed": "0", "quick": "0"})
     if args["role"] not in ROLES:
         raise ValueError(f"role must be one of {ROLES}, got {args['role']!r}")
     return args
@@ -69,8 +77,8 @@ def get_config(arg: str | None = None):
     teacher_run = args["role"] == "teacher"
     config = base_config(
         "digits",
-        teacher=TEACHER,
-        student=TEACHER if teacher_run else STUDENT,
+        teacher=args["teacher"],
+        student=args["teacher"] if teacher_run else args["student"],
         method="ce" if teacher_run else args["method"],
     )
     config.seed = int(args["seed"])

@@ -12,11 +12,11 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from bkd_jax import demo
+from bkd_jax import demo, report, sweep
 from bkd_jax.training import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-get_config = demo.load_config_file(ROOT / "configs" / "demo.py").get_config
+get_config = sweep.load_config_file(ROOT / "configs" / "demo.py").get_config
 
 
 def test_teacher_config_trains_on_all_digits():
@@ -67,46 +67,6 @@ def test_run_plan_is_teacher_then_seed_by_seed():
         demo.run_plan(["kd"], 0)
 
 
-def _record(row, seed, best, last, seconds, **stones):
-    evals = {"best": {demo.TOP1: best}, "last": {demo.TOP1: last}}
-    evals["last"].update({f"eval/{s}/top1": v for s, v in stones.items()})
-    return dict(row=row, name=demo.run_name(row, seed), seed=seed, seconds=seconds, **evals)
-
-
-def test_table_has_mean_and_sample_std_over_seeds():
-    records = [
-        _record("teacher", 0, 0.99, 0.98, 10),
-        _record("ce", 0, 0.90, 0.90, 4),
-        _record("blockkd", 0, 0.96, 0.96, 9, stone3=0.95, stone1=0.90),
-        _record("ce", 1, 0.95, 0.94, 6),
-        _record("blockkd", 1, 0.98, 0.96, 11, stone3=0.97, stone1=0.92),
-    ]
-    rows = demo.summarize(records)
-    assert [r["row"] for r in rows] == ["teacher", "ce", "blockkd"]
-    assert rows[2]["stone1"] == [0.90, 0.92] and rows[1]["stone1"] == []
-    lines = demo.markdown_table(rows).splitlines()
-    assert lines[0].split(" | ")[4:6] == ["stone1 last (%)", "stone3 last (%)"]
-    # mean and sample std by hand: (90, 95) -> 92.5 ± 3.54; (90, 94) -> 92.0 ± 2.83.
-    assert lines[2] == "| teacher | 1 | 99.0 | 98.0 |  |  | 10 |"
-    assert lines[3] == "| ce | 2 | 92.5 ± 3.5 | 92.0 ± 2.8 |  |  | 5 |"
-    assert lines[4] == "| blockkd | 2 | 97.0 ± 1.4 | 96.0 ± 0.0 | 91.0 ± 1.4 | 96.0 ± 1.4 | 10 |"
-
-
-def test_curves_keep_the_last_line_of_a_repeated_step(tmp_path):
-    lines = [
-        {"step": 4, "train/ce_student": 2.0, "train/loss": 5.0, "train/epoch": 1.0},
-        {"step": 8, "train/ce_student": 1.5, "train/loss": 4.0, "train/epoch": 2.0},
-        {"step": 8, demo.TOP1: 0.5},
-        # Resumed from step 4: step 8 again, with other values.
-        {"step": 8, "train/ce_student": 1.4, "train/loss": 3.9, "train/epoch": 2.0},
-        {"step": 8, demo.TOP1: 0.6},
-        {"step": 12, "train/ce_student": 1.0, "train/loss": 3.0, "train/epoch": 3.0},
-    ]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    curves = demo.read_curves(tmp_path)
-    assert curves == {"train_ce": [(4, 2.0), (8, 1.4), (12, 1.0)], "test_top1": [(8, 0.6)]}
-
-
 def _run_quick_demo(workdir: pathlib.Path) -> str:
     command = [sys.executable, "-m", "bkd_jax.demo", f"--workdir={workdir}", "--quick"]
     command += ["--seeds=2", "--methods=ce,blockkd_lite"]
@@ -141,11 +101,18 @@ def test_quick_demo_writes_results_table_and_plot_and_resumes(tmp_path):
         teacher = runs[name]["last"]["eval/teacher/top1"]
         assert math.isclose(teacher, runs["teacher"]["best"][demo.TOP1], abs_tol=1e-6)
 
+    # The table is bkd_jax.report's of the five runs, one row per method.
     table = (tmp_path / demo.TABLE_FILE).read_text()
-    assert table == demo.markdown_table(demo.summarize(results["runs"]))
-    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == [
-        "| teacher", "| ce", "| blockkd_lite",
-    ]  # fmt: skip
+    runs = demo.report_runs(tmp_path, results["runs"])
+    assert table == report.markdown_table(report.summarize(runs))
+    assert results["table"] == json.loads(json.dumps(report.summarize(runs)))
+    lines = table.splitlines()
+    assert lines[0].startswith("| pair | method | seeds | top-1 last | top-1 best |")
+    assert [line.split(" | ")[:3] for line in lines[2:]] == [
+        ["| resnet8", "teacher", "1"],
+        ["| resnet8 -> resnet8", "ce", "2"],
+        ["| resnet8 -> resnet8", "blockkd_lite", "2"],
+    ]
     assert out.rstrip().splitlines()[-1].startswith("Written: ")
     assert table in out
 

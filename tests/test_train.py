@@ -351,7 +351,7 @@ def _unknown_model(tmp_path, teacher):
 def _unknown_method(tmp_path, teacher):
     config = digits_config()
     config.distill.method = "no_such"
-    return config, "unknown distillation method 'no_such'; known: blockkd, blockkd_lite, ce, "
+    return config, "unknown distillation method 'no_such'; known: ce, kd, dkd, "
 
 
 def _tfds_data_missing(tmp_path, teacher):

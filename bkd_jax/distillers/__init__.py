@@ -1,6 +1,6 @@
 """The distillation methods, behind a registry: one module per method, each a `Method`.
 
-    distillers.available()           # ['blockkd', 'blockkd_lite', 'ce', 'dkd', 'kd', ...]
+    distillers.available()           # ['ce', 'kd', 'dkd', ..., 'blockkd', 'blockkd_lite']
     distillers.get("dkd").knobs()    # its knobs and their defaults
     distillers.register(Method(...)) # a method of your own (README, "Adding a distiller")
 
@@ -63,8 +63,8 @@ def register(method: Method) -> Method:
 
 
 def available() -> list[str]:
-    """Names of the registered methods, sorted."""
-    return sorted(_REGISTRY)
+    """Names of the registered methods, in registration order (baselines first)."""
+    return list(_REGISTRY)
 
 
 def get(name: str) -> Method:

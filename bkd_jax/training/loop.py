@@ -157,11 +157,12 @@ def _set_up(config: ml_collections.ConfigDict) -> _Setup:
         student_init = load_model_variables(
             config.student_checkpoint, student, info.image_shape, "student checkpoint"
         )
+    total_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
     return _Setup(
         info=info,
         mesh=mesh,
         steps_per_epoch=steps_per_epoch,
-        total_steps=config.num_train_steps or config.num_epochs * steps_per_epoch,
+        total_steps=total_steps,
         distiller=distillers.make_distiller(
             config.distill,
             student,
@@ -171,7 +172,9 @@ def _set_up(config: ml_collections.ConfigDict) -> _Setup:
             remat_teacher=config.remat_teacher,
             num_examples=info.num_train,
         ),
-        optimizer=optim.make_optimizer(config.optim, steps_per_epoch, method.optimizer),
+        optimizer=optim.make_optimizer(
+            config.optim, steps_per_epoch, method.optimizer, total_steps
+        ),
         teacher_vars=teacher_vars,
         student_init=student_init,
     )
