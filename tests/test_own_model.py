@@ -4,6 +4,8 @@ and Block-KD stepping-stones run between it and a zoo model in both directions."
 from __future__ import annotations
 
 import itertools
+import pathlib
+import re
 
 import flax.linen as nn
 import jax
@@ -18,6 +20,7 @@ from bkd_jax.config_defaults import distill_config
 from bkd_jax.connectors import make_connectors
 from bkd_jax.own_model import as_blocknet, check_blocknet
 
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 SIZE = 16  # resnet8's stages then run at 16, 8 and 4 pixels, like the model below
 SHAPE = (SIZE, SIZE, 3)
 
@@ -150,3 +153,10 @@ def test_blockkd_training_steps_reduce_the_loss_of_an_own_student():
         losses.append(float(metrics["loss"]))
     assert all(b < a for a, b in itertools.pairwise(losses)), losses
     assert int(state.step) == 6
+
+
+def test_readme_bring_your_own_model_example_runs():
+    (example,) = re.findall(r"```py\n(.*?)```", README.read_text(), flags=re.S)
+    namespace: dict = {}
+    exec(compile(example, str(README), "exec"), namespace)
+    assert sorted(namespace["out"].stone_logits) == [1, 2, 3]
