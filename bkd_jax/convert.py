@@ -15,20 +15,29 @@ find the part (`block1`..`blockN`, `head`) holding that module. Leaves map as
 The conversion is all-or-nothing: every key must land on a model variable of the right
 shape and every variable must be filled, or a ValueError lists all that did not fit.
 
-As a command, it writes the converted teacher as a standalone variables checkpoint
-(`bkd_jax.training.checkpointing.save_variables`):
+As a command, it writes each converted model as a standalone variables checkpoint
+(`bkd_jax.training.checkpointing.save_variables`). It takes one `.pth` file, whose model
+`--model` names or, for torchvision's released ImageNet ResNets, the file name tells; or
+mdistiller's archive of CIFAR-100 teachers (`cifar_teachers.tar`, or the folder it
+extracts to), converting every teacher in it into `--output/<zoo name>`:
 
     python -m bkd_jax.convert --model resnet32x4 --input ckpt_epoch_240.pth --output DIR
+    python -m bkd_jax.convert --input resnet18-f37072fd.pth --output teachers/imagenet_resnet18
+    python -m bkd_jax.convert --input cifar_teachers.tar --output teachers
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import pathlib
 import pickle
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+import tarfile
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +47,6 @@ from flax import traverse_util
 from bkd_jax import pth
 from bkd_jax.blocknet import BlockNet
 from bkd_jax.models import available, get_model
-from bkd_jax.training import checkpointing
 
 # PyTorch leaf -> where it may live in Flax: (collection, leaf) candidates, first match wins.
 _TARGETS = {
@@ -51,6 +59,29 @@ _TORCH_LEAF = {
     flax_leaf: torch_leaf for torch_leaf, targets in _TARGETS.items() for _, flax_leaf in targets
 }
 _IGNORED_LEAVES = frozenset({"num_batches_tracked"})
+
+# mdistiller's released CIFAR-100 teachers, `cifar_teachers.tar`: the folder of each (with
+# the checkpoint file inside it) as mdistiller/models/cifar/__init__.py names them in
+# `cifar_model_dict`, the zoo model, and the top-1 (%) on CIFAR-100 that the DKD paper
+# (Zhao et al., CVPR 2022, Tables 1 and 2, teacher rows) reports for it.
+MDISTILLER_CHECKPOINT = "ckpt_epoch_240.pth"
+MDISTILLER_TEACHERS = {
+    "resnet56_vanilla": ("resnet56", 72.34),
+    "resnet110_vanilla": ("resnet110", 74.31),
+    "resnet32x4_vanilla": ("resnet32x4", 79.42),
+    "ResNet50_vanilla": ("resnet50", 79.34),
+    "wrn_40_2_vanilla": ("wrn_40_2", 75.61),
+    "vgg13_vanilla": ("vgg13", 74.64),
+}
+# torchvision's ImageNet ResNets by released file name (the URLs of
+# torchvision/models/resnet.py), the zoo model, and the ImageNet-1k top-1 (%) of those
+# weights in torchvision's documentation (ResNet*_Weights, acc@1).
+TORCHVISION_FILES = {
+    "resnet18-f37072fd.pth": ("imagenet_resnet18", 69.758),  # IMAGENET1K_V1
+    "resnet34-b627a593.pth": ("imagenet_resnet34", 73.314),  # IMAGENET1K_V1
+    "resnet50-0676ba61.pth": ("imagenet_resnet50", 76.130),  # IMAGENET1K_V1
+    "resnet50-11ad3fa6.pth": ("imagenet_resnet50", 80.858),  # IMAGENET1K_V2
+}
 
 FlatKey = tuple[str, ...]  # (collection, part, *module path, leaf)
 
@@ -206,26 +237,135 @@ def from_pytorch_file(model_name: str, path: str | os.PathLike) -> dict[str, Any
     return from_pytorch_state_dict(model_name, pth.load_state_dict(path))
 
 
+class Job(NamedTuple):
+    """One conversion of the command line: a .pth file into a new checkpoint directory."""
+
+    model: str
+    source: pathlib.Path
+    output: pathlib.Path
+    published_top1: float | None  # the publisher's figure (%), when known
+    label: str  # where the file came from, for messages and the metadata
+
+
+def archive_jobs(
+    root: pathlib.Path, output: pathlib.Path, label: str
+) -> tuple[list[Job], list[str]]:
+    """Every mdistiller teacher under `root` (`<folder>/ckpt_epoch_240.pth` at any depth),
+    to `output/<zoo name>`, and the checkpoint folders that are not known teachers.
+    `label` stands for `root` in messages."""
+    jobs, unknown = [], []
+    for path in sorted(root.rglob(MDISTILLER_CHECKPOINT)):
+        folder = path.parent.name
+        if folder not in MDISTILLER_TEACHERS:
+            unknown.append(folder)
+            continue
+        model, top1 = MDISTILLER_TEACHERS[folder]
+        where = f"{label}{path.relative_to(root)}"
+        jobs.append(Job(model, path, output / model, top1, where))
+    return jobs, unknown
+
+
+def file_job(path: pathlib.Path, model: str | None, output: pathlib.Path) -> Job:
+    """The conversion of one .pth file; its model from `model` or its released name."""
+    known = TORCHVISION_FILES.get(path.name)
+    if model is None and known is None:
+        raise ValueError(
+            f"cannot tell the model of {path.name}; name it with --model (known file names: "
+            f"{', '.join(TORCHVISION_FILES)})"
+        )
+    if model is not None and known is not None and known[0] != model:
+        raise ValueError(f"{path.name} is torchvision's {known[0]}, not {model}")
+    return Job(model or known[0], path, output, known[1] if known else None, str(path))
+
+
+@contextlib.contextmanager
+def _input_tree(path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """`path` itself, or a temporary folder with the .pth files of the tar archive `path`."""
+    if path.is_dir():
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as tmp, tarfile.open(path) as archive:
+        members = [m for m in archive.getmembers() if m.isfile() and m.name.endswith(".pth")]
+        archive.extractall(tmp, members=members, filter="data")
+        yield pathlib.Path(tmp)
+
+
+def convert_file(job: Job) -> int:
+    """Converts `job.source` and saves it to `job.output`; returns its number of classes."""
+    from bkd_jax.training import checkpointing  # orbax: loaded only once there is work
+
+    state_dict = pth.load_state_dict(job.source)
+    num_classes = infer_num_classes(job.model, state_dict)
+    variables = from_pytorch_state_dict(job.model, state_dict)
+    metadata = {"model": job.model, "num_classes": num_classes, "source": job.label}
+    if job.published_top1 is not None:
+        metadata["published_top1"] = job.published_top1
+    checkpointing.save_variables(job.output, variables, metadata)
+    return num_classes
+
+
+def _run(jobs: Sequence[Job]) -> None:
+    """Converts every job, after checking that none of the outputs exists yet."""
+    existing = [str(job.output) for job in jobs if job.output.exists()]
+    if existing:
+        raise ValueError(f"{', '.join(existing)} already exists; refusing to overwrite it")
+    for job in jobs:
+        num_classes = convert_file(job)
+        print(f"wrote {job.model} ({num_classes} classes) from {job.label} to {job.output}")
+        if job.published_top1 is not None:
+            print(f"  its publisher reports {job.published_top1}% top-1")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: convert a `.pth` file and save it with `checkpointing.save_variables`."""
+    """Command line: convert `.pth` files and save each with `checkpointing.save_variables`."""
     parser = argparse.ArgumentParser(
         prog="python -m bkd_jax.convert",
-        description="Convert a PyTorch checkpoint of a zoo model into bkd_jax variables.",
+        description=(
+            "Convert PyTorch checkpoints of zoo models into bkd_jax checkpoints: one .pth "
+            "file, or every teacher in mdistiller's cifar_teachers.tar (or its folder)."
+        ),
     )
-    parser.add_argument("--model", required=True, help="zoo model: " + ", ".join(available()))
-    parser.add_argument("--input", required=True, help="the .pth file (torch.save zip format)")
-    parser.add_argument("--output", required=True, help="directory to create; must not exist")
+    parser.add_argument(
+        "--model",
+        help="zoo model of a single .pth file; optional for torchvision's released files "
+        f"({', '.join(TORCHVISION_FILES)}). Zoo: {', '.join(available())}",
+    )
+    parser.add_argument(
+        "--input",
+        required=True,
+        help="a .pth file (torch.save zip format), or mdistiller's cifar_teachers.tar or the "
+        "folder it extracts to",
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="directory to create (must not exist); for an archive, the parent of one "
+        "directory per teacher, named after its zoo model",
+    )
     args = parser.parse_args(argv)
+    # orbax wants absolute paths.
+    source, output = pathlib.Path(args.input), pathlib.Path(args.output).absolute()
     try:
-        state_dict = pth.load_state_dict(args.input)
-        num_classes = infer_num_classes(args.model, state_dict)
-        variables = from_pytorch_state_dict(args.model, state_dict)
-        metadata = {"model": args.model, "num_classes": num_classes, "source": args.input}
-        # orbax wants absolute paths.
-        checkpointing.save_variables(args.output, variables, metadata)
-    except (OSError, ValueError, pickle.UnpicklingError) as e:
+        if not source.exists():
+            raise ValueError(f"{source} does not exist")
+        if source.is_file() and not tarfile.is_tarfile(source):
+            _run([file_job(source, args.model, output)])
+            return
+        if args.model:
+            raise ValueError("--model names the model of one .pth file, not of an archive")
+        label = f"{source}/" if source.is_dir() else f"{source}:"
+        with _input_tree(source) as root:
+            jobs, unknown = archive_jobs(root, output, label)
+            for folder in unknown:
+                print(f"skipped {folder}: not one of mdistiller's teachers")
+            if not jobs:
+                raise ValueError(
+                    f"no mdistiller teacher in {source}: expected folders "
+                    f"{', '.join(MDISTILLER_TEACHERS)} holding {MDISTILLER_CHECKPOINT}"
+                )
+            _run(jobs)
+    except (OSError, ValueError, pickle.UnpicklingError, tarfile.TarError) as e:
         parser.exit(1, f"error: {e}\n")
-    print(f"wrote {args.model} ({num_classes} classes) from {args.input} to {args.output}")
 
 
 if __name__ == "__main__":

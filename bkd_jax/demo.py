@@ -45,7 +45,13 @@ DEFAULT_METHODS = ("ce", "kd", "dkd", "blockkd", "blockkd_lite")
 RESULTS_FILE = "demo_results.json"
 TABLE_FILE = "demo_table.md"
 PLOT_FILE = "demo.png"
-_DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py"
+# configs/ is installed as the package bkd_jax.configs; a plain checkout has it beside bkd_jax/.
+_CONFIGS = importlib.util.find_spec("bkd_jax.configs")
+_DEFAULT_CONFIG = (
+    pathlib.Path(_CONFIGS.origin).parent
+    if _CONFIGS is not None and _CONFIGS.origin is not None
+    else pathlib.Path(__file__).resolve().parents[1] / "configs"
+) / "demo.py"
 
 Record = dict[str, Any]
 

@@ -324,7 +324,7 @@ def _short(train: dict | None, evaluation: dict | None) -> dict[str, float] | No
     if train:
         shown["loss"] = train["train/loss"]
     if evaluation:
-        shown["top1"] = evaluation[BEST_METRIC]
+        shown["top1%"] = 100 * evaluation[BEST_METRIC]
     return shown or None
 
 
@@ -334,17 +334,21 @@ def _write_results(workdir: epath.Path, summary: dict[str, Any]) -> None:
 
 
 def _log_summary(summary: dict[str, Any], workdir: epath.Path) -> None:
-    """The student's best and last accuracies, then the last top-1 of the other models."""
+    """The student's best and last accuracies, then the last top-1 of the other models.
+
+    A run without a teacher (method ce) trains a model, not a student: "Top-1" then.
+    """
     best, last = summary["best"], summary["last"]
     others = [
         f"{key.split('/')[1]} {100 * value:.2f}%"
         for key, value in sorted(last.items())
         if key.endswith("/top1") and key != BEST_METRIC
     ]
+    title = "Student top-1" if "eval/teacher/top1" in last else "Top-1"
     logging.info(
-        "Student top-1: best %.2f%% (step %d, epoch %.1f), last %.2f%%; top-5: best %.2f%%, "
+        "%s: best %.2f%% (step %d, epoch %.1f), last %.2f%%; top-5: best %.2f%%, "
         "last %.2f%%.%s Results: %s",
-        100 * best[BEST_METRIC], best["step"], best["epoch"], 100 * last[BEST_METRIC],
+        title, 100 * best[BEST_METRIC], best["step"], best["epoch"], 100 * last[BEST_METRIC],
         100 * best["eval/student/top5"], 100 * last["eval/student/top5"],
         f" Last top-1 of {', '.join(others)}." if others else "", workdir / RESULTS_FILE,
     )  # fmt: skip

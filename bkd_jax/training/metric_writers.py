@@ -5,18 +5,25 @@ once, so a crashed or preempted run keeps every line it logged and any tool can 
 resumed run appends; steps logged after the last checkpoint appear twice, and readers keep
 the last line of a step. `workdir/tensorboard/` holds the same scalars as TensorBoard
 events. TensorFlow is imported only when a TensorBoard writer is made, so importing this
-module stays light. On processes other than 0 every method does nothing.
+module stays light. With a Weights & Biases project (the `wandb_project` argument or
+wandb's own WANDB_PROJECT variable) and `wandb` installed, the scalars also go to a W&B
+run, one per workdir, continued when the workdir resumes. On processes other than 0
+every method does nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.util
 import json
+import os
 from collections.abc import Mapping
 from typing import Any, Protocol
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epath
 
 METRICS_FILE = "metrics.jsonl"
@@ -102,21 +109,60 @@ class _TensorBoardWriter:
         self._writer.close()
 
 
+class _WandbWriter:
+    """Scalars to a Weights & Biases run named after the workdir.
+
+    The run id is derived from the workdir's absolute path, so rerunning the command in the
+    same workdir continues the same W&B run. W&B keeps steps increasing: the steps a
+    resumed run repeats (those after its last checkpoint) are dropped there, not here.
+    """
+
+    def __init__(self, workdir: epath.Path, project: str):
+        import wandb  # Optional: only when a project is configured.
+
+        run_id = hashlib.sha256(os.fspath(workdir.resolve()).encode()).hexdigest()[:16]
+        self._run = wandb.init(
+            project=project, name=workdir.name, id=run_id, resume="allow", dir=os.fspath(workdir)
+        )
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        self._run.log({k: _python_scalar(v) for k, v in scalars.items()}, step=int(step))
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        del step, texts
+
+    def close(self) -> None:
+        self._run.finish()
+
+
 class MetricWriter:
     """Writes scalars to `workdir/metrics.jsonl` and, optionally, TensorBoard.
 
     Args:
       workdir: the run's directory.
       tensorboard: also write TensorBoard events under `workdir/tensorboard`.
+      wandb_project: also log to this Weights & Biases project when `wandb` is installed;
+        None: the WANDB_PROJECT environment variable, if set.
     """
 
-    def __init__(self, workdir: str | epath.PathLike, *, tensorboard: bool = True):
+    def __init__(
+        self,
+        workdir: str | epath.PathLike,
+        *,
+        tensorboard: bool = True,
+        wandb_project: str | None = None,
+    ):
         workdir = epath.Path(workdir)
         self._backends: list[_Backend] = []
         if jax.process_index() == 0:
             self._backends.append(_JsonLinesWriter(workdir / METRICS_FILE))
             if tensorboard:
                 self._backends.append(_TensorBoardWriter(workdir / TENSORBOARD_DIR))
+            project = wandb_project or os.environ.get("WANDB_PROJECT")
+            if project and importlib.util.find_spec("wandb") is None:
+                logging.warning("W&B project %r set, but wandb is not installed.", project)
+            elif project:
+                self._backends.append(_WandbWriter(workdir, project))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Writes `{name: scalar}` at `step`; values may be Python, numpy or jax scalars."""
