@@ -25,6 +25,7 @@ The table and the plot are `bkd_jax.report`'s, which reports any set of runs the
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
 import time

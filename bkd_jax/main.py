@@ -20,6 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bkd_jax import console
+from bkd_jax.training.validation import validate_config
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, optionally with `:arguments`.", lock_config=True
@@ -57,12 +58,12 @@ def main(argv: list[str]) -> None:
     console.configure_logging()
     config = _CONFIG.value
     try:
+        validate_config(config)  # names and numbers: no TensorFlow yet
         console.check_data_present(config.dataset)
-        with console.quiet_native_logs():  # TensorFlow's INFO lines as it loads
-            from bkd_jax.training import loop
-        loop.validate_config(config)
     except ValueError as e:
         sys.exit(f"error: {e}")
+    with console.quiet_native_logs():  # TensorFlow's INFO lines as it loads
+        from bkd_jax.training import loop
     if _MULTIHOST.value:
         initialize_distributed()
     import jax
