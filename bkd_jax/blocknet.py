@@ -17,7 +17,7 @@ normal path computes exactly what it did without them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -55,13 +55,15 @@ class Taps(NamedTuple):
     pooled: jax.Array
 
 
-def tap(module: nn.Module, name: str, value: jax.Array) -> None:
+def tap(module: nn.Module, name: str, value: jax.Array | Callable[[], jax.Array]) -> None:
     """Records `value` as tap `name` of the part `module` is the top module of.
 
     Does nothing unless the `intermediates` collection is mutable, as only `BlockNet.taps`
-    makes it.
+    makes it. A tap the forward pass does not compute anyway is passed as a function that
+    computes it, called only then.
     """
-    module.sow(TAPS, name, value)
+    if module.is_mutable_collection(TAPS):
+        module.sow(TAPS, name, value() if callable(value) else value)
 
 
 def _part(variables: Variables, name: str) -> dict[str, Any]:

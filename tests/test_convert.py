@@ -1,8 +1,9 @@
 """PyTorch checkpoints -> bkd_jax: the `.pth` reader, the generic converter, and parity.
 
 Parity runs the same weights through a PyTorch re-implementation of the original
-(`torch_reference`) and through the converted Flax model; tests needing torch skip
-without it, and those reading the layout file skip without ../shared.
+(`torch_reference`) and through the converted Flax model, every zoo model, comparing the
+logits and every feature tap (`BlockNet.taps`); tests needing torch skip without it, and
+those reading the layout file skip without ../shared.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA, images, input_size
 
-from bkd_jax import convert, models, pth
+from bkd_jax import blocknet, convert, models, pth
 
 LAYOUT_FILE = "pytorch_state_dict_layouts.json"
-PARITY_MODELS = ("resnet8x4", "wrn_40_1", "shufflenetv1", "imagenet_resnet18")
+# Taps as mdistiller's models return them: `feats` is [stem, *blocks] and `preact_feats`
+# [stem, *preact], except where noted.
+STEM_OUTSIDE_FEATS = {"imagenet_mobilenetv1"}  # feats hold only the blocks; stem = model.0
+NO_PREACT_FEATS = {"mobilenetv2"}  # no preact_feats; a linear bottleneck's preact is its output
 
 
 def _zoo_names() -> list[str]:
@@ -235,7 +239,7 @@ def test_pth_reader_refuses_legacy_format(tmp_path):
 # (d) numerical parity with the PyTorch originals.
 
 
-@pytest.mark.parametrize("name", PARITY_MODELS)
+@pytest.mark.parametrize("name", models.available())
 def test_reference_matches_layout_file(name, torch, layouts):
     import torch_reference
 
@@ -243,9 +247,30 @@ def test_reference_matches_layout_file(name, torch, layouts):
     assert [(k, list(v.shape)) for k, v in sd.items()] == [(k, s) for k, s in layouts[name]]
 
 
-@pytest.mark.parametrize("name", PARITY_MODELS)
-def test_converted_logits_match_pytorch(name, torch, tmp_path):
-    _registered(name)
+def _nhwc(t) -> np.ndarray:
+    a = t.numpy()
+    return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
+
+
+def _reference_taps(name: str, reference, x) -> tuple[np.ndarray, blocknet.Taps]:
+    """Logits and `Taps` of the PyTorch model, NHWC, read from its mdistiller-style feats."""
+    logits, out = reference(x)
+    feats = [_nhwc(f) for f in out["feats"]]
+    if name in STEM_OUTSIDE_FEATS:
+        stem, blocks = _nhwc(reference.model[0](x)), feats
+        preact = [_nhwc(f) for f in out["preact_feats"]]
+    else:
+        stem, blocks = feats[0], feats[1:]
+        preact = blocks if name in NO_PREACT_FEATS else [_nhwc(f) for f in out["preact_feats"]][1:]
+    pooled = _nhwc(out["pooled_feat"])
+    return logits.numpy(), blocknet.Taps(stem, tuple(blocks), tuple(preact), pooled)
+
+
+@pytest.mark.parametrize("name", models.available())
+def test_converted_taps_match_pytorch(name, torch, tmp_path):
+    """Both sides compute in float64 from the same float32 weights (exact in float64), so
+    that float32 rounding, which reaches 2e-4 in the deepest networks, hides nothing: they
+    agree to about 1e-12."""
     import torch_reference
 
     reference = torch_reference.build(name, seed=1)
@@ -253,14 +278,30 @@ def test_converted_logits_match_pytorch(name, torch, tmp_path):
     torch.save({"model": reference.state_dict(), "epoch": 240}, path)
     variables = convert.from_pytorch_file(name, path)
 
-    x = np.asarray(images(2, input_size(name), seed=2))
+    x = np.asarray(images(2, input_size(name), seed=2), np.float64)
     with torch.no_grad():
-        expected = reference(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-    net = models.get_model(name, expected.shape[1])
-    logits = np.asarray(net.apply(variables, jnp.asarray(x)))
-    diff = np.max(np.abs(logits - expected))
-    print(f"{name}: max |flax - torch| = {diff:.2e}, max |logit| = {np.abs(expected).max():.2f}")
-    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+        expected_logits, expected = _reference_taps(
+            name, reference.double(), torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+        )
+    with jax.enable_x64(True):
+        net = models.get_model(name, expected_logits.shape[1], dtype=jnp.float64)
+        variables = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), variables)
+        logits, taps = net.taps(variables, jnp.asarray(x))
+        got, want = _named(logits, taps), _named(expected_logits, expected)
+    assert got.keys() == want.keys()
+    assert all(v.dtype == np.float64 for v in got.values())
+    diff = max(float(np.max(np.abs(got[k] - want[k]))) for k in want)
+    print(f"{name}: max |flax - torch| over logits and taps = {diff:.2e}")
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-8, atol=1e-8, err_msg=key)
+
+
+def _named(logits, taps: blocknet.Taps) -> dict[str, np.ndarray]:
+    """The logits and every tap, by name (`blocks[2]`)."""
+    named = {"logits": logits, "stem": taps.stem, "pooled": taps.pooled}
+    for field in ("blocks", "preact"):
+        named.update({f"{field}[{k}]": a for k, a in enumerate(getattr(taps, field))})
+    return {k: np.asarray(v) for k, v in named.items()}
 
 
 # The command line.

@@ -4,13 +4,13 @@
 stride, 1x1 expand by 4; ResNet v1.5) add a projection (1x1 convolution and BatchNorm) on
 the residual path when the shape changes and end in a ReLU, so block outputs are
 post-activation. `Stage` is one `layerK` of units, with the stem folded in for block 1.
+PyTorch names the projection `downsample` (torchvision, mdistiller's CIFAR ResNets) or
+`shortcut` (mdistiller's CIFAR ResNet50); `shortcut_name` follows, as weight conversion
+requires.
 
 Taps, as mdistiller's ResNets (`cifar/resnet.py`, `cifar/resnetv2.py`,
 `imagenet/resnet.py`) return them: `stem` is the stem's ReLU output (before the ImageNet
 stem's max-pool), a stage's `preact` is its last unit's residual sum before the ReLU.
-PyTorch names the projection `downsample` (torchvision, mdistiller's CIFAR ResNets) or
-`shortcut` (mdistiller's CIFAR ResNet50); `shortcut_name` follows, as weight conversion
-requires.
 """
 
 from __future__ import annotations

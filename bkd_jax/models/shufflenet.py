@@ -144,22 +144,23 @@ class DownBlock(nn.Module):
 class BasicBlock(nn.Module):
     """ShuffleNetV2 unit: split channels, transform the second half, concat, shuffle.
 
-    Returns the output and its pre-activation: the concatenation with the branch's last
-    BatchNorm output in place of its ReLU, unshuffled (as mdistiller's `preact`).
+    Returns the output and the two halves of its pre-activation: the untouched half and
+    the branch's last BatchNorm output (before its ReLU).
     """
 
     split_ratio: float = 0.5
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def __call__(
+        self, x: jnp.ndarray, train: bool = False
+    ) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
         c = int(x.shape[-1] * self.split_ratio)
         x1, x2 = x[..., :c], x[..., c:]
         out = nn.relu(conv_bn(x2, c, 1, train, index=1, dtype=self.dtype))
         out = depthwise_bn(out, train, index=2, dtype=self.dtype)
         out = conv_bn(out, c, 1, train, index=3, dtype=self.dtype)
-        preact = jnp.concatenate([x1, out], axis=-1)
-        return channel_shuffle(jnp.concatenate([x1, nn.relu(out)], axis=-1), 2), preact
+        return channel_shuffle(jnp.concatenate([x1, nn.relu(out)], axis=-1), 2), (x1, out)
 
 
 class ShuffleV2Stage(nn.Module):
@@ -178,8 +179,9 @@ class ShuffleV2Stage(nn.Module):
             tap(self, STEM, x)
         x = DownBlock(self.out_channels, self.dtype, name=f"layer{self.index}_0")(x, train)
         for u in range(1, self.num_units + 1):
-            x, preact = BasicBlock(dtype=self.dtype, name=f"layer{self.index}_{u}")(x, train)
-        tap(self, PREACT, preact)
+            x, halves = BasicBlock(dtype=self.dtype, name=f"layer{self.index}_{u}")(x, train)
+        # The last unit's pre-activation, unshuffled (mdistiller's `preact`).
+        tap(self, PREACT, lambda: jnp.concatenate(halves, axis=-1))
         return x
 
 
