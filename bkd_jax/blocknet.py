@@ -209,6 +209,16 @@ class BlockNet:
     def taps(self, variables: Variables, x: jax.Array, *, train: bool = False):
         """Logits and the feature `Taps` of one pass: `(logits, taps)`, plus variables.
 
+        See `tapped_features`, which also returns the blocks' outputs.
+        """
+        logits, _, taps, *new_variables = self.tapped_features(variables, x, train=train)
+        return (logits, taps, *new_variables)
+
+    def tapped_features(self, variables: Variables, x: jax.Array, *, train: bool = False):
+        """`(logits, [f_1..f_n], taps)` of one pass, plus variables when `train`.
+
+        `f_i` are the outputs of this BlockNet's blocks, as `features` returns them.
+
         Block 1 records the `stem`, the head `pooled`; each native block's output is a
         `blocks` entry, with its `preact` recorded by the block itself or, as
         `input_preact`, by the part after it. A block 1 that records no pre-activation is
@@ -237,4 +247,5 @@ class BlockNet:
             if key not in recorded[part]:
                 raise ValueError(f"{self.name}: no {key!r} tap recorded")
         taps = Taps(recorded[0][STEM], tuple(blocks), tuple(preact), recorded[-1][POOLED])
-        return (h, taps, variables) if train else (h, taps)
+        features = outputs[:-1]
+        return (h, features, taps, variables) if train else (h, features, taps)

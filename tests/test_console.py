@@ -43,10 +43,11 @@ def run_main(*args: str, cwd: pathlib.Path = REPO) -> subprocess.CompletedProces
 @pytest.mark.parametrize(
     ("field", "message"),
     [
-        ("distill.temprature", "unknown field distill.temprature; did you mean temperature?"),
+        ("distill.kd.temprature", "unknown field distill.kd.temprature; did you mean temperature?"),
+        ("distill.dkd.beta", "unknown field distill.dkd; did you mean kd?"),
         ("optimm.momentum", "unknown field optimm; did you mean optim?"),
         ("seed.value", "config.seed is a value, not a group of fields: no value in it"),
-        ("distill.temperature", None),
+        ("distill.kd.temperature", None),
         ("dataset.data_dir", None),
     ],
 )
@@ -100,21 +101,22 @@ def test_image_folder_and_digits(tmp_path):
             "error: TFDS data set 'cifar100' is not prepared: data_dir /nonexistent is not a",
         ),
         (
-            ["--config=configs/demo.py", "--config.distill.temprature=2"],
-            "error: unknown field distill.temprature; did you mean temperature?\n",
+            ["--config=configs/demo.py", "--config.distill.blockkd.temprature=2"],
+            "error: unknown field distill.blockkd.temprature; did you mean temperature?\n",
         ),
         (
             ["--config=configs/demo.py:methd=kd"],
             "error: --config=configs/demo.py:methd=kd: ValueError: unknown config argument "
-            "'methd'; known: role, method, seed, quick\n",
+            "'methd'; known: role, teacher, student, method, seed, quick\n",
         ),
         (
             ["--config=configs/cifar10.py"],
             f"error: --config: no config file configs/cifar10.py (relative paths start at {REPO})",
         ),
         (
-            ["--config=configs/demo.py", "--config.distill.temperature=warm"],
-            "error: flag --config.distill.temperature=warm: could not convert string to float",
+            ["--config=configs/demo.py", "--config.distill.blockkd.temperature=warm"],
+            "error: flag --config.distill.blockkd.temperature=warm: could not convert string to "
+            "float",
         ),
     ],
 )  # fmt: skip

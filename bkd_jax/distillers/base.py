@@ -82,6 +82,29 @@ class Modules(Protocol):
         """
 
 
+@dataclasses.dataclass(frozen=True)
+class CombinedModules:
+    """Two methods' modules as one: variables nested by name inside each collection."""
+
+    parts: tuple[tuple[str, Modules], ...]
+
+    def init(self, key: jax.Array) -> dict[str, Any]:
+        variables: dict[str, Any] = {}
+        for (name, modules), k in zip(self.parts, jax.random.split(key, len(self.parts))):
+            for collection, tree in modules.init(k).items():
+                variables.setdefault(collection, {})[name] = tree
+        return variables
+
+    def apply(self, variables, out, batch, teacher_vars, *, train: bool):
+        new: dict[str, Any] = {}
+        for name, modules in self.parts:
+            own = {c: tree[name] for c, tree in variables.items() if name in tree}
+            out, own = modules.apply(own, out, batch, teacher_vars, train=train)
+            for collection, tree in own.items():
+                new.setdefault(collection, {})[name] = tree
+        return out, new
+
+
 class Pair(NamedTuple):
     """What a method's `build` gets: the networks and how the distiller will run."""
 
@@ -212,10 +235,10 @@ class Distiller:
                 teacher_logits = self.teacher.apply(teacher_vars, images)
             teacher_logits = jax.lax.stop_gradient(teacher_logits)
         if self.taps:
-            out = self.student.taps(student_vars, images, train=train)
-            logits, student_taps = out[:2]
-            student_vars = out[2] if train else student_vars
-            feats = student_taps.blocks
+            logits, feats, student_taps, *new_vars = self.student.tapped_features(
+                student_vars, images, train=train
+            )
+            student_vars = new_vars[0] if train else student_vars
         elif train:
             logits, feats, student_vars = self.student.features(student_vars, images, train=True)
         else:

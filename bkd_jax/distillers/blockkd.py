@@ -14,6 +14,11 @@ e.g. `config.distill.blockkd.dkd.beta`; only the chosen distance's section is re
 a recipe may set per-pair values for every distance), on standardised logits with
 `standardize`.
 
+A feature loss can join the objective (`feature_method`: any registered method that
+consumes feature taps, e.g. "at"): its distillation term, with that method's default knobs
+and modules, times `feature_weight`, is added to L, so that the implicit alignment of the
+stepping-stones can be compared with, or combined with, an explicit one.
+
 The paper's code is not public; the defaults are ours and docs/method.md gives the
 reasons: alpha = beta = gamma = 1, tau = 4 and a 20-epoch warm-up on CIFAR-100 (tau 1 and
 1 epoch on ImageNet, set by configs/imagenet.py), all stones 1..n (`blockkd`) or the two
@@ -31,7 +36,7 @@ from ml_collections import config_dict
 from bkd_jax import distillers, losses
 from bkd_jax.blockwise import stone_logits
 from bkd_jax.connectors import Connectors, make_connectors
-from bkd_jax.distillers.base import Loss, Method, Pair, Recipe
+from bkd_jax.distillers.base import CombinedModules, Loss, Method, Pair, Recipe
 
 
 def distance_sections() -> dict[str, dict[str, Any]]:
@@ -59,6 +64,8 @@ def knobs() -> dict:
             tuple
         ),  # ((student cuts), (teacher cuts)) for pairs of unequal depth
         "upsampling": "nearest",  # connectors' upsampling: nearest | bilinear
+        "feature_method": "",  # a feature method whose distillation term joins L; "" none
+        "feature_weight": 1.0,  # its weight, over the method's own feature weight
         **distance_sections(),
     }
 
@@ -102,6 +109,19 @@ def _check_distance(k) -> None:
         )
 
 
+def _feature_recipe(name: str, pair: Pair) -> Recipe | None:
+    """The recipe of feature method `name` with its default knobs, or None for ""."""
+    if not name:
+        return None
+    method = distillers.get(name)
+    if "taps" not in method.consumes:
+        raise ValueError(
+            f"distill.blockkd.feature_method={name!r} is not a feature method (one that "
+            "consumes feature taps)"
+        )
+    return method.build(method.knobs(), pair)
+
+
 def _builder(lite: bool):
     def build(k, pair: Pair) -> Recipe:
         _check_distance(k)
@@ -118,6 +138,7 @@ def _builder(lite: bool):
             pair.remat_teacher,
         )  # fmt: skip
         distance_knobs = dict(k.get(k["distance"], {}))
+        feature = _feature_recipe(k["feature_method"], pair)
 
         def objective(out, batch, warmup) -> Loss:
             _, metrics = losses.blockkd_loss(
@@ -128,9 +149,18 @@ def _builder(lite: bool):
             )  # fmt: skip
             task = k["alpha"] * metrics["task"]
             distill = warmup * (k["beta"] * metrics["distill"] + k["gamma"] * metrics["cross"])
-            return Loss(task, distill, {**metrics, "warmup": warmup})
+            metrics = {**metrics, "warmup": warmup}
+            if feature is not None:
+                extra = feature.objective(out, batch, warmup)
+                distill = distill + k["feature_weight"] * extra.distill
+                metrics.update({f"feature/{name}": v for name, v in extra.metrics.items()})
+            return Loss(task, distill, metrics)
 
-        return Recipe(objective, modules)
+        if feature is None:
+            return Recipe(objective, modules)
+        if feature.modules is not None:
+            modules = CombinedModules((("stones", modules), ("feature", feature.modules)))
+        return Recipe(objective, modules, taps=True)
 
     return build
 
