@@ -141,22 +141,25 @@ def train_batches(
     first_epoch, first_step = divmod(start_step, steps)
     rows = slice(index * local_batch, (index + 1) * local_batch)
 
-    def plan() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(epoch, example indices) of this process's rows, step after step."""
-        for epoch in itertools.count(first_epoch):
-            order = epoch_permutation(seed, epoch, info.num_train)[: steps * global_batch_size]
-            mine = order.reshape(steps, global_batch_size)[:, rows]
-            for step in range(first_step if epoch == first_epoch else 0, steps):
-                yield np.full(local_batch, epoch), mine[step]
+    def host_rows(epoch: int) -> np.ndarray:
+        """[steps, local_batch] example indices of this process in `epoch`, from start_step."""
+        order = epoch_permutation(seed, int(epoch), info.num_train)[: steps * global_batch_size]
+        skip = first_step if epoch == first_epoch else 0
+        return order.reshape(steps, global_batch_size)[skip:, rows]
+
+    def epoch_examples(epoch: tf.Tensor) -> tf.data.Dataset:
+        indices = tf.numpy_function(lambda e: host_rows(e).ravel(), [epoch], tf.int64)
+        indices = tf.ensure_shape(indices, [None])
+        return tf.data.Dataset.from_tensor_slices((tf.fill(tf.shape(indices), epoch), indices))
 
     lookup = source.lookup(ds_config.train_split, info.num_train)
-    spec = (tf.TensorSpec([local_batch], tf.int64),) * 2
-    ds = tf.data.Dataset.from_generator(plan, output_signature=spec).unbatch()
+    ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_examples)
     preprocess = _train_preprocess(source, lookup, ds_config, seed)
     ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(local_batch, drop_remainder=True).with_options(_deterministic())
     ds = ds.prefetch(tf.data.AUTOTUNE)
-    return _naming_bad_files(ds, lookup, (indices for _, indices in plan()))
+    steps_rows = itertools.chain.from_iterable(map(host_rows, itertools.count(first_epoch)))
+    return _naming_bad_files(ds, lookup, steps_rows)
 
 
 def eval_batches(
