@@ -49,11 +49,13 @@ Config: `config.dataset`, documented in `bkd_jax.data.datasets`.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import functools
 import itertools
 import math
 import pathlib
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -72,6 +74,7 @@ tf.config.set_visible_devices([], "GPU")
 IN_MEMORY_LIMIT_BYTES = 16 * 2**30
 _CROP_PADDING = 4
 _DIGITS_NUM_TEST = 360
+_FETCH_CHUNK = 256  # Indices per lookup call, which may run Python code.
 _FILE_CHECK_THREADS = 32  # Header reads are I/O bound (and slow on remote file systems).
 _BAD_FILES_SHOWN = 5
 
@@ -154,12 +157,15 @@ def train_batches(
 
     lookup = source.lookup(ds_config.train_split, info.num_train)
     ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_examples)
-    preprocess = _train_preprocess(source, lookup, ds_config, seed)
-    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(local_batch).map(
+        lambda epoch, i: (epoch, i, lookup.fetch(i)), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    preprocess = _train_preprocess(lookup, ds_config, seed)
+    ds = ds.unbatch().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(local_batch, drop_remainder=True).with_options(_deterministic())
     ds = ds.prefetch(tf.data.AUTOTUNE)
     steps_rows = itertools.chain.from_iterable(map(host_rows, itertools.count(first_epoch)))
-    return _naming_bad_files(ds, lookup, steps_rows)
+    return _numpy_batches(ds, lookup, steps_rows)
 
 
 def eval_batches(
@@ -188,7 +194,7 @@ def eval_batches(
     padded[: stop - start] = np.arange(start, stop)
 
     lookup, ds = source.read(ds_config.eval_split, start, stop)
-    ds = ds.map(_eval_preprocess(source, ds_config), num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(_eval_preprocess(lookup, ds_config), num_parallel_calls=tf.data.AUTOTUNE)
     blank = {
         "image": tf.zeros(info.image_shape, tf.float32),
         "label": tf.constant(0, tf.int32),
@@ -197,12 +203,11 @@ def eval_batches(
     }
     padding = tf.data.Dataset.from_tensors(blank).repeat(len(padded) - (stop - start))
     ds = ds.concatenate(padding).batch(local_batch).prefetch(tf.data.AUTOTUNE)
-    return _naming_bad_files(ds, lookup, np.split(padded, num_batches))
+    return _numpy_batches(ds, lookup, np.split(padded, num_batches))
 
 
 # ---------------------------------------------------------------------------------------
-# Sources: random access to the (undecoded image, label) pairs of a split by index, and
-# decoding of images to float32 [H, W, 3] in [0, 1].
+# Sources: split sizes, and random access to a split's examples by index.
 
 
 def _decode_encoded(raw: tf.Tensor) -> tf.Tensor:
@@ -212,10 +217,18 @@ def _decode_encoded(raw: tf.Tensor) -> tf.Tensor:
 
 
 class _Lookup:
-    """Random access to the (raw image, label) pairs of a split, inside tf.data."""
+    """Random access to a split inside tf.data: `fetch` gathers the records of a vector of
+    indices, `parse` turns one record into (float32 [H, W, 3] image in [0, 1], label)."""
 
-    def fetch(self, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def __init__(self, decode=_decode_encoded):
+        self._decode = decode
+
+    def fetch(self, indices: tf.Tensor) -> Any:
         raise NotImplementedError
+
+    def parse(self, record: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        raw, label = record
+        return self._decode(raw), label
 
     def bad_file(self, indices: np.ndarray) -> str | None:
         """A file among `indices` (-1: none) that does not decode, and why; None: unknown."""
@@ -226,54 +239,54 @@ class _Lookup:
 class _ArrayLookup(_Lookup):
     """A split held in host memory: images, encoded images or file paths."""
 
-    def __init__(self, raw: np.ndarray, labels: np.ndarray):
+    def __init__(self, raw: np.ndarray, labels: np.ndarray, decode=_decode_encoded):
+        super().__init__(decode)
         self._raw = tf.constant(raw)
         self._labels = tf.constant(labels, tf.int64)
 
-    def fetch(self, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        return tf.gather(self._raw, index), tf.gather(self._labels, index)
+    def fetch(self, indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return tf.gather(self._raw, indices), tf.gather(self._labels, indices)
 
 
 class _FileLookup(_ArrayLookup):
-    """Image files, read by path."""
+    """Image files: their paths in memory, each file read when its example is parsed."""
 
     def __init__(self, paths: np.ndarray, labels: np.ndarray):
-        super().__init__(paths, labels)
+        super().__init__(paths, labels, lambda path: _decode_encoded(tf.io.read_file(path)))
         self._paths = paths
-
-    def fetch(self, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        path, label = super().fetch(index)
-        return tf.io.read_file(path), label
 
     def bad_file(self, indices: np.ndarray) -> str | None:
         for path in self._paths[indices[indices >= 0]]:
             try:
-                _decode_encoded(tf.io.read_file(path))
+                self._decode(path)
             except tf.errors.OpError as error:
                 return f"{path}: {error.message}"
         return None
 
 
 class _DataSourceLookup(_Lookup):
-    """A `tfds.data_source` (ArrayRecord), one record per call."""
+    """A `tfds.data_source` (ArrayRecord) of serialized examples, parsed by TensorFlow."""
 
-    def __init__(self, data_source: Sequence[dict[str, Any]]):
-        self._data_source = data_source
+    def __init__(self, records: Sequence[bytes], features: tfds.features.FeaturesDict):
+        super().__init__()
+        self._records = records
+        self._features = features
 
-    def fetch(self, index: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        def get(i: np.ndarray) -> tuple[bytes, np.ndarray]:
-            example = self._data_source[int(i)]
-            return example["image"], np.int64(example["label"])
+    def fetch(self, indices: tf.Tensor) -> tf.Tensor:
+        def read(indices: np.ndarray) -> np.ndarray:
+            return np.array([self._records[i] for i in indices.tolist()], dtype=object)
 
-        raw, label = tf.numpy_function(get, [index], (tf.string, tf.int64), stateful=False)
-        return tf.ensure_shape(raw, []), tf.ensure_shape(label, [])
+        return tf.ensure_shape(tf.numpy_function(read, [indices], tf.string), [None])
+
+    def parse(self, record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        example = self._features.deserialize_example(record, decoders=_SKIP_IMAGE_DECODING)
+        return super().parse(_image_label(example))
 
 
 class _Source:
-    """A data set: split sizes, random access to a split, image decoding."""
+    """A data set: split sizes and random access to a split."""
 
     num_classes: int
-    decode = staticmethod(_decode_encoded)
 
     def count(self, split: str) -> int:
         raise NotImplementedError
@@ -283,10 +296,11 @@ class _Source:
         raise NotImplementedError
 
     def read(self, split: str, start: int, stop: int) -> tuple[_Lookup, tf.data.Dataset]:
-        """Examples [start, stop) of `split` in order, as (index, raw, label)."""
+        """Examples [start, stop) of `split` in order, as (index, record) for the lookup."""
         lookup = self.lookup(split, stop)
-        ds = tf.data.Dataset.range(start, stop)
-        return lookup, ds.map(lambda i: (i, *lookup.fetch(i)))
+        ds = tf.data.Dataset.range(start, stop).batch(_FETCH_CHUNK)
+        ds = ds.map(lambda i: (i, lookup.fetch(i)), num_parallel_calls=tf.data.AUTOTUNE)
+        return lookup, ds.unbatch()
 
 
 class _TfdsSource(_Source):
@@ -307,8 +321,10 @@ class _TfdsSource(_Source):
 
     def lookup(self, split: str, num_examples: int) -> _Lookup:
         if self._random_access():
-            source = self._builder.as_data_source(split, decoders=_SKIP_IMAGE_DECODING)
-            return _DataSourceLookup(source)
+            records = self._builder.as_data_source(
+                split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+            )
+            return _DataSourceLookup(records, self._builder.info.features)
         self._check_fits_in_memory(split, num_examples)
         raw, labels = [], []
         pairs = self._open(split).take(num_examples).map(_image_label).batch(1024)
@@ -323,8 +339,7 @@ class _TfdsSource(_Source):
         # TFRecord: read only the slice. `take` also bounds readers that ignore the slice
         # (tfds.testing.mock_data).
         pairs = self._open(f"{split}[{start}:{stop}]").take(stop - start).map(_image_label)
-        ds = tf.data.Dataset.zip(tf.data.Dataset.range(start, stop), pairs)
-        return _Lookup(), ds.map(lambda i, pair: (i, *pair))
+        return _Lookup(), tf.data.Dataset.zip(tf.data.Dataset.range(start, stop), pairs)
 
     def _random_access(self) -> bool:
         return self._builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
@@ -489,7 +504,6 @@ class _DigitsSource(_Source):
     """scikit-learn's digits with a fixed split: the 360 first of a seed-0 permutation test."""
 
     num_classes = 10
-    decode = staticmethod(tf.image.grayscale_to_rgb)
 
     def __init__(self):
         from sklearn.datasets import load_digits  # Imported here: only this source needs it.
@@ -511,7 +525,7 @@ class _DigitsSource(_Source):
 
     def lookup(self, split: str, num_examples: int) -> _Lookup:
         images, labels = self._splits[split]
-        return _ArrayLookup(images[:num_examples], labels[:num_examples])
+        return _ArrayLookup(images[:num_examples], labels[:num_examples], tf.image.grayscale_to_rgb)
 
 
 def _source(ds_config: ml_collections.ConfigDict) -> _Source:
@@ -526,7 +540,7 @@ def _source(ds_config: ml_collections.ConfigDict) -> _Source:
 
 
 # ---------------------------------------------------------------------------------------
-# Preprocessing: (index, raw, label) -> example with a normalised [size, size, 3] image.
+# Preprocessing: a record -> example with a normalised [size, size, 3] image.
 
 
 def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -581,16 +595,13 @@ def _example(image, label, index, ds_config: ml_collections.ConfigDict) -> dict[
     }
 
 
-def _train_preprocess(
-    source: _Source, lookup: _Lookup, ds_config: ml_collections.ConfigDict, seed: int
-):
-    """(epoch, index) -> augmented example, its augmentation keyed by (seed, epoch, index)."""
+def _train_preprocess(lookup: _Lookup, ds_config: ml_collections.ConfigDict, seed: int):
+    """(epoch, index, record) -> augmented example, keyed by (seed, epoch, index)."""
     size = ds_config.image_size
     key = tf.constant(np.random.SeedSequence(seed).generate_state(2).astype(np.int64))
 
-    def preprocess(epoch, index):
-        raw, label = lookup.fetch(index)
-        image = source.decode(raw)
+    def preprocess(epoch, index, record):
+        image, label = lookup.parse(record)
         fold_in = tf.random.experimental.stateless_fold_in
         example_key = fold_in(fold_in(key, epoch), index)
         if ds_config.augment == "crop_flip":
@@ -604,12 +615,12 @@ def _train_preprocess(
     return preprocess
 
 
-def _eval_preprocess(source: _Source, ds_config: ml_collections.ConfigDict):
-    """(index, raw, label) -> unaugmented example with mask True."""
+def _eval_preprocess(lookup: _Lookup, ds_config: ml_collections.ConfigDict):
+    """(index, record) -> unaugmented example with mask True."""
     size = ds_config.image_size
 
-    def preprocess(index, raw, label):
-        image = source.decode(raw)
+    def preprocess(index, record):
+        image, label = lookup.parse(record)
         if ds_config.augment == "inception":
             image = _resize_shorter_centre_crop(image, size)
         else:
@@ -623,11 +634,20 @@ def _eval_preprocess(source: _Source, ds_config: ml_collections.ConfigDict):
 # Small helpers.
 
 
-def _naming_bad_files(
+def _numpy_batches(
     ds: tf.data.Dataset, lookup: _Lookup, indices: Iterable[np.ndarray]
 ) -> Iterator[dict[str, np.ndarray]]:
-    """`ds` as numpy batches, batch j holding examples `indices[j]`; an image that fails
-    to decode is reported by its file name where the lookup knows it."""
+    """`ds` as numpy batches, batch j holding examples `indices[j]`.
+
+    An image that fails to decode is reported by its file name where the lookup knows
+    it. The stream closes at exit at the latest (see `_close_open_streams`).
+    """
+    stream = _named_errors(ds, lookup, indices)
+    _OPEN_STREAMS.add(stream)
+    return stream
+
+
+def _named_errors(ds, lookup, indices):
     batches = ds.as_numpy_iterator()
     for batch_indices in indices:
         try:
@@ -640,6 +660,17 @@ def _naming_bad_files(
         except StopIteration:
             return
         yield batch
+
+
+_OPEN_STREAMS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_streams() -> None:
+    """Stops the tf.data threads of streams still open at exit, before Python finalizes:
+    one of them calling Python code (`tf.numpy_function`) then would abort the process."""
+    for stream in list(_OPEN_STREAMS):
+        stream.close()
 
 
 def _subfolders(path: str) -> list[str]:
