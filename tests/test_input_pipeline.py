@@ -561,3 +561,43 @@ def test_empty_class_folder_and_missing_split_folders(tmp_path, numbered_folder)
 def test_unknown_bad_files_setting_is_rejected(numbered_folder):
     with pytest.raises(ValueError, match=r"unknown bad_files setting 'ignore'.*fail, skip"):
         pipeline.dataset_info(numbered_config(numbered_folder, bad_files="ignore"))
+
+
+_OPEN_AT_EXIT_SCRIPT = textwrap.dedent(
+    """
+    import atexit
+    import sys
+    from unittest import mock
+
+    import tensorflow_datasets as tfds
+
+    from bkd_jax.data import datasets, pipeline
+
+    if sys.argv[1:] == ["unguarded"]:  # Then Python hangs or aborts at exit.
+        atexit.unregister(pipeline._close_open_streams)
+    with tfds.testing.mock_data(num_examples=64), mock.patch.object(
+        tfds.core.DatasetInfo,
+        "file_format",
+        new_callable=mock.PropertyMock,
+        return_value=tfds.core.FileFormat.ARRAY_RECORD,
+    ):
+        batches = pipeline.train_batches(
+            datasets.default_dataset_config("cifar10"), global_batch_size=16, seed=0
+        )
+        next(batches)
+    print("EXITING")  # with the stream open, Python code still running in tf.data
+    """
+)
+
+
+def test_process_with_an_open_array_record_stream_exits_cleanly():
+    # At exit, tf.data threads still call the data source's Python code.
+    result = subprocess.run(
+        [sys.executable, "-c", _OPEN_AT_EXIT_SCRIPT],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "EXITING" in result.stdout, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
