@@ -1,10 +1,18 @@
-"""Tests for bkd_jax.data.pipeline: shapes, normalisation, coverage, determinism, resume."""
+"""Tests for bkd_jax.data.pipeline: shapes, normalisation, coverage, determinism, resume,
+the same global batches on any topology, example indices and bad image folders."""
 
 from __future__ import annotations
 
+import io
 import itertools
+import logging
+import os
 import pathlib
+import subprocess
+import sys
 import tarfile
+import textwrap
+from unittest import mock
 
 import numpy as np
 import PIL.Image
@@ -12,6 +20,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from bkd_jax.data import datasets, pipeline
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 CIFAR10_MEAN = np.array([0.4914, 0.4822, 0.4465], np.float32)
 CIFAR10_STD = np.array([0.2470, 0.2435, 0.2616], np.float32)
@@ -95,9 +105,9 @@ def test_train_batches_shapes_dtypes_and_label_range():
     with tfds.testing.mock_data(num_examples=10):
         batches = take(pipeline.train_batches(config("cifar10"), global_batch_size=4, seed=0), 3)
     for batch in batches:
-        assert batch.keys() == {"image", "label"}
+        assert batch.keys() == {"image", "label", "index"}
         assert batch["image"].shape == (4, 32, 32, 3) and batch["image"].dtype == np.float32
-        assert batch["label"].dtype == np.int32
+        assert batch["label"].dtype == np.int32 and batch["index"].dtype == np.int32
         assert np.all((batch["label"] >= 0) & (batch["label"] < 10))
 
 
@@ -108,6 +118,9 @@ def test_eval_is_the_normalised_split_once_with_masked_padding():
     assert len(batches) == 3
     np.testing.assert_array_equal(
         np.concatenate([b["mask"] for b in batches]), [True] * 10 + [False] * 2
+    )
+    np.testing.assert_array_equal(
+        np.concatenate([b["index"] for b in batches]), [*range(10), -1, -1]
     )
     images = np.concatenate([b["image"] for b in batches])
     labels = np.concatenate([b["label"] for b in batches])
@@ -182,6 +195,11 @@ def test_inception_output_shapes_on_non_square_images(tmp_path):
     assert evaluated["mask"].tolist() == [True, True, True, False]
 
 
+# numbered_folder's examples in index order: files sorted by class (k % 3), then by name.
+TRAIN_ORDER = [0, 3, 6, 9, 1, 4, 7, 2, 5, 8]
+TEST_ORDER = [12, 15, 10, 13, 16, 11, 14]
+
+
 def test_image_folder_classes_counts_and_exact_eval(numbered_folder):
     ds_config = numbered_config(numbered_folder)
     assert pipeline.dataset_info(ds_config) == datasets.DatasetInfo(3, (32, 32, 3), 10, 7)
@@ -189,42 +207,34 @@ def test_image_folder_classes_counts_and_exact_eval(numbered_folder):
     mask = np.concatenate([b["mask"] for b in batches])
     ids = [identify(im) for im in np.concatenate([b["image"] for b in batches])[mask]]
     labels = np.concatenate([b["label"] for b in batches])[mask]
-    assert sorted(ids) == list(range(10, 17))
+    assert ids == TEST_ORDER
     np.testing.assert_array_equal(labels, [k % 3 for k in ids])
+    np.testing.assert_array_equal(np.concatenate([b["index"] for b in batches]), [*range(7), -1])
 
 
-def test_two_hosts_read_disjoint_training_shards(numbered_folder):
+@pytest.mark.parametrize(
+    "processes, batches_per_process", [(2, 2), (4, 2)]
+)  # 7 examples: slices of 3 and 4 in batches of 2; of 1 or 2 in batches of 1
+def test_processes_evaluate_everything_once_in_equal_batch_counts(
+    numbered_folder, processes, batches_per_process
+):
     ds_config = numbered_config(numbered_folder)
-    seen = []
-    for host in range(2):
-        batches = pipeline.train_batches(
-            ds_config, global_batch_size=4, seed=0, process_index=host, process_count=2
-        )
-        images = np.concatenate([b["image"] for b in take(batches, 6)])  # 3 epochs
-        assert images.shape[0] == 12  # local batch 2
-        seen.append({identify(im) for im in images})
-    assert seen[0].isdisjoint(seen[1])
-    assert seen[0] | seen[1] <= set(range(10))
-
-
-def test_two_hosts_evaluate_everything_once_in_equal_batch_counts(numbered_folder):
-    ds_config = numbered_config(numbered_folder)
-    per_host = [
+    per_process = [
         list(
             pipeline.eval_batches(
-                ds_config, global_batch_size=4, process_index=host, process_count=2
+                ds_config, global_batch_size=4, process_index=p, process_count=processes
             )
         )
-        for host in range(2)
+        for p in range(processes)
     ]
-    assert [len(b) for b in per_host] == [2, 2]  # 7 examples: slices of 3 and 4, batches of 2
-    ids = [
-        identify(image)
-        for batches in per_host
-        for batch in batches
-        for image in batch["image"][batch["mask"]]
-    ]
-    assert sorted(ids) == list(range(10, 17))
+    assert [len(b) for b in per_process] == [batches_per_process] * processes
+    batches = [batch for process in per_process for batch in process]
+    mask = np.concatenate([b["mask"] for b in batches])
+    index = np.concatenate([b["index"] for b in batches])
+    ids = [identify(im) for im in np.concatenate([b["image"] for b in batches])[mask]]
+    np.testing.assert_array_equal(index[mask], range(7))
+    assert np.all(index[~mask] == -1)
+    assert ids == TEST_ORDER
 
 
 def test_digits_split_is_fixed_and_covers_the_data_set():
@@ -336,3 +346,258 @@ def test_batch_size_errors():
         )
     with pytest.raises(ValueError, match="exceeds the 1437 training examples"):
         pipeline.train_batches(ds_config, global_batch_size=2048, seed=0)
+
+
+# ---------------------------------------------------------------------------------------
+# The same global batches whatever the number of processes and devices.
+
+
+@pytest.fixture(params=["digits", "image_folder", "tfds_tfrecord", "tfds_array_record"])
+def small_source(request, tmp_path):
+    """The config of 18 training examples of one kind of source, augmented; TFDS mocked.
+
+    Images are square at the output size, so that without augmentation training images
+    are the eval images.
+    """
+    kind = request.param
+    if kind == "digits":
+        yield config("digits", augment="crop_flip", max_train_examples=18)
+    elif kind == "image_folder":
+        rng = np.random.default_rng(0)
+        images = {
+            split: {c: [rng.integers(0, 256, (8, 8, 3), np.uint8) for _ in range(9)] for c in "ab"}
+            for split in ("train", "test")
+        }
+        yield config("image_folder", data_dir=write_images(tmp_path, images), image_size=8)
+    else:
+        with tfds.testing.mock_data(num_examples=18):
+            if kind == "tfds_tfrecord":
+                yield config("cifar10")
+            else:
+                with mock.patch.object(
+                    tfds.core.DatasetInfo,
+                    "file_format",
+                    new_callable=mock.PropertyMock,
+                    return_value=tfds.core.FileFormat.ARRAY_RECORD,
+                ):
+                    yield config("cifar10")
+
+
+def global_stream(ds_config, processes: int, steps: int, start_step: int = 0):
+    """Global batches of 8 (2 steps per epoch of 18), the processes' rows concatenated."""
+    per_process = [
+        take(
+            pipeline.train_batches(
+                ds_config,
+                global_batch_size=8,
+                seed=3,
+                start_step=start_step,
+                process_index=p,
+                process_count=processes,
+            ),
+            steps,
+        )
+        for p in range(processes)
+    ]
+    return [
+        {key: np.concatenate([rows[key] for rows in step]) for key in step[0]}
+        for step in zip(*per_process, strict=True)
+    ]
+
+
+def test_global_batches_are_the_same_for_1_2_and_4_processes(small_source):
+    single = global_stream(small_source, 1, steps=5)  # 2.5 epochs
+    for processes in (2, 4):
+        assert_same_batches(global_stream(small_source, processes, steps=5), single)
+    # Resuming mid-epoch on another topology continues the same stream.
+    assert_same_batches(global_stream(small_source, 4, steps=2, start_step=3), single[3:])
+    for epoch in range(2):
+        indices = np.concatenate([b["index"] for b in single[2 * epoch : 2 * epoch + 2]])
+        assert len(set(indices)) == 16 and set(indices) <= set(range(18))
+    assert not np.array_equal(single[0]["index"], single[2]["index"])  # epochs reshuffle
+
+
+def test_training_index_is_the_eval_index_of_the_same_example(small_source):
+    small_source.augment = "none"
+    small_source.max_eval_examples = 18
+    small_source.eval_split = small_source.train_split
+    (evaluated,) = pipeline.eval_batches(small_source, global_batch_size=18)
+    np.testing.assert_array_equal(evaluated["index"], range(18))
+    for batch in global_stream(small_source, 2, steps=3):
+        np.testing.assert_allclose(batch["image"], evaluated["image"][batch["index"]], atol=1e-6)
+        np.testing.assert_array_equal(batch["label"], evaluated["label"][batch["index"]])
+
+
+def test_augmentation_differs_between_epochs_of_an_example():
+    # One step per epoch: every example in every epoch.
+    ds_config = config("digits", augment="crop_flip", max_train_examples=8)
+    first, second = (
+        dict(zip(b["index"].tolist(), b["image"], strict=True))
+        for b in global_stream(ds_config, 1, steps=2)
+    )
+    assert first.keys() == second.keys()
+    assert any(not np.array_equal(first[i], second[i]) for i in first)
+
+
+def test_training_index_names_the_image_folder_file(numbered_folder):
+    ds_config = numbered_config(numbered_folder)
+    batches = take(pipeline.train_batches(ds_config, global_batch_size=4, seed=0), 6)
+    for batch in batches:
+        ids = [identify(image) for image in batch["image"]]
+        assert ids == [TRAIN_ORDER[i] for i in batch["index"]]
+        np.testing.assert_array_equal(batch["label"], [k % 3 for k in ids])
+
+
+_DEVICES_SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    import jax
+    import numpy as np
+
+    from bkd_jax.training import sharding
+
+    steps = np.load(sys.argv[1])
+    single = [{k: steps[f"{step}/{k}"] for k in ("image", "label", "index")} for step in range(3)]
+    assert len(jax.devices()) == 8
+    for devices in (jax.devices()[:1], jax.devices()):
+        mesh = sharding.make_mesh(devices)
+        for step, local in enumerate(single):
+            for key, value in sharding.global_batch(local, mesh).items():
+                np.testing.assert_array_equal(np.asarray(value), local[key])
+                for shard in value.addressable_shards if len(devices) == 8 else ():
+                    # As if 2 processes held 4 of the 8 devices each: a device's shard is
+                    # rows of the batch of the process that would feed it.
+                    start, stop, _ = shard.index[0].indices(16)
+                    process, offset = divmod(start, 8)
+                    half = steps[f"{step}/{key}/{process}"][offset : offset + stop - start]
+                    np.testing.assert_array_equal(np.asarray(shard.data), half)
+    print("DEVICES_OK")
+    """
+)
+
+
+def test_global_batch_on_1_and_8_devices_and_each_devices_rows(tmp_path):
+    ds_config = config("digits", augment="crop_flip", max_train_examples=64)
+
+    def stream(process, count):
+        batches = pipeline.train_batches(
+            ds_config, global_batch_size=16, seed=0, process_index=process, process_count=count
+        )
+        return take(batches, 3)
+
+    single, halves = stream(0, 1), [stream(p, 2) for p in range(2)]
+    arrays = {f"{i}/{k}": v for i, batch in enumerate(single) for k, v in batch.items()}
+    for p, half in enumerate(halves):
+        arrays.update({f"{i}/{k}/{p}": v for i, batch in enumerate(half) for k, v in batch.items()})
+    np.savez(tmp_path / "steps.npz", **arrays)
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": str(REPO),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", _DEVICES_SCRIPT, str(tmp_path / "steps.npz")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DEVICES_OK" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------
+# Bad image folders.
+
+
+def test_non_image_file_fails_naming_it(numbered_folder):
+    bad = pathlib.Path(numbered_folder) / "train" / "c1" / "notes.txt"
+    bad.write_text("not an image")
+    with pytest.raises(ValueError, match="1 bad image files") as error:
+        pipeline.dataset_info(numbered_config(numbered_folder))
+    assert f"{bad}: not an image" in str(error.value)
+    assert "bad_files='skip'" in str(error.value)
+
+
+def test_skipped_bad_files_are_left_out_and_logged(numbered_folder, caplog):
+    bad = pathlib.Path(numbered_folder) / "train" / "c1" / "00.txt"
+    bad.write_bytes(b"")
+    ds_config = numbered_config(numbered_folder, bad_files="skip")
+    with caplog.at_level(logging.WARNING):
+        info = pipeline.dataset_info(ds_config)
+    assert (info.num_train, info.num_eval) == (10, 7)
+    assert f"Skipping 1 bad image files in {pathlib.Path(numbered_folder) / 'train'}" in caplog.text
+    assert str(bad) in caplog.text
+    (batch,) = take(pipeline.train_batches(ds_config, global_batch_size=10, seed=0), 1)
+    assert sorted(identify(image) for image in batch["image"]) == list(range(10))
+
+
+def test_image_that_does_not_decode_stops_training_naming_it(numbered_folder):
+    encoded = io.BytesIO()
+    PIL.Image.fromarray(constant_image(200)).save(encoded, "JPEG")
+    bad = pathlib.Path(numbered_folder) / "train" / "c2" / "zz.jpg"
+    bad.write_bytes(encoded.getvalue()[:200])  # a JPEG header, then the file ends
+    ds_config = numbered_config(numbered_folder)
+    assert pipeline.dataset_info(ds_config).num_train == 11  # the header looks fine
+    batches = pipeline.train_batches(ds_config, global_batch_size=11, seed=0)  # all in step 0
+    with pytest.raises(ValueError, match=f"cannot decode image file {bad}: "):
+        next(batches)
+
+
+def test_empty_class_folder_and_missing_split_folders(tmp_path, numbered_folder):
+    (pathlib.Path(numbered_folder) / "test" / "c3").mkdir()
+    with pytest.raises(ValueError, match=f"class folder {numbered_folder}/test/c3 has no image"):
+        pipeline.dataset_info(numbered_config(numbered_folder))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=f"image folder {tmp_path}/empty has no split folders"):
+        pipeline.dataset_info(config("image_folder", data_dir=str(tmp_path / "empty")))
+    (tmp_path / "flat" / "train").mkdir(parents=True)
+    with pytest.raises(ValueError, match=f"split folder {tmp_path}/flat/train has no class"):
+        pipeline.dataset_info(config("image_folder", data_dir=str(tmp_path / "flat")))
+
+
+def test_unknown_bad_files_setting_is_rejected(numbered_folder):
+    with pytest.raises(ValueError, match=r"unknown bad_files setting 'ignore'.*fail, skip"):
+        pipeline.dataset_info(numbered_config(numbered_folder, bad_files="ignore"))
+
+
+_OPEN_AT_EXIT_SCRIPT = textwrap.dedent(
+    """
+    import atexit
+    import sys
+    from unittest import mock
+
+    import tensorflow_datasets as tfds
+
+    from bkd_jax.data import datasets, pipeline
+
+    if sys.argv[1:] == ["unguarded"]:  # Then Python hangs or aborts at exit.
+        atexit.unregister(pipeline._close_open_streams)
+    with tfds.testing.mock_data(num_examples=64), mock.patch.object(
+        tfds.core.DatasetInfo,
+        "file_format",
+        new_callable=mock.PropertyMock,
+        return_value=tfds.core.FileFormat.ARRAY_RECORD,
+    ):
+        batches = pipeline.train_batches(
+            datasets.default_dataset_config("cifar10"), global_batch_size=16, seed=0
+        )
+        next(batches)
+    print("EXITING")  # with the stream open, Python code still running in tf.data
+    """
+)
+
+
+def test_process_with_an_open_array_record_stream_exits_cleanly():
+    # At exit, tf.data threads still call the data source's Python code.
+    result = subprocess.run(
+        [sys.executable, "-c", _OPEN_AT_EXIT_SCRIPT],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "EXITING" in result.stdout, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -5,9 +5,9 @@ TensorFlow, reads the data.
 
 Config (`config.dataset`; `default_dataset_config(name)` fills in the defaults):
   name: one of `DATASETS`: "cifar100", "cifar10", "imagenet2012" (TFDS), "image_folder"
-    (``data_dir/<split>/<class>/<image>``, read with `tfds.folder_dataset.ImageFolder`;
-    classes are the sorted folder names) or "digits" (scikit-learn's 1797 8x8 grey
-    digits, a fixed split of 1437 train / 360 test, values scaled from 0..16 to [0, 1]).
+    (``data_dir/<split>/<class>/<image>``; classes are the sorted class folder names of
+    all splits) or "digits" (scikit-learn's 1797 8x8 grey digits, a fixed split of 1437
+    train / 360 test, values scaled from 0..16 to [0, 1]).
   data_dir: TFDS data dir (None: TFDS's default) or the image folder root. Default None.
   train_split, eval_split: whole split names. Default "train" / "test"
     ("train" / "validation" for imagenet2012).
@@ -22,14 +22,18 @@ Config (`config.dataset`; `default_dataset_config(name)` fills in the defaults):
     they already have that size).
   mean, std: per-channel statistics of [0, 1] pixels used to normalise. Default the data
     set's own (ImageNet's for image_folder).
-  shuffle_buffer: tf.data shuffle buffer (examples); a buffer at least as large as a
-    host's slice gives a uniform permutation. Default 50_000 (CIFAR), 16_384 (imagenet2012,
-    image_folder), 2_048 (digits).
+  bad_files (image_folder only): one of `BAD_FILES`, what to do with files of a split
+    that are unreadable or have no image header. "fail": an error naming them when the
+    data set is opened, before training. "skip": leave them out, logging how many and
+    which. Default "fail".
   max_train_examples, max_eval_examples: use only the first that many examples of a split
     (quick runs, tests). Default None (all).
 
 All images have 3 channels (grey ones are repeated); batches are
-``{"image": float32 [B, H, W, 3], "label": int32 [B]}`` plus ``"mask": bool [B]`` for eval.
+``{"image": float32 [B, H, W, 3], "label": int32 [B], "index": int32 [B]}`` plus
+``"mask": bool [B]`` for eval; ``index`` is each example's position in its split (-1 for
+eval padding). Every training epoch is a permutation of the whole training split drawn
+from the seed and the epoch, the same for any number of processes (`bkd_jax.data.pipeline`).
 """
 
 from __future__ import annotations
@@ -41,10 +45,11 @@ from ml_collections import config_dict
 
 DATASETS = ("cifar100", "cifar10", "imagenet2012", "image_folder", "digits")
 AUGMENTATIONS = ("none", "crop_flip", "inception")
+BAD_FILES = ("fail", "skip")
 
-_CIFAR = {"image_size": 32, "augment": "crop_flip", "shuffle_buffer": 50_000}
+_CIFAR = {"image_size": 32, "augment": "crop_flip"}
 _IMAGENET_STATS = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
-_LARGE = {"image_size": 224, "augment": "inception", "shuffle_buffer": 16_384}
+_LARGE = {"image_size": 224, "augment": "inception"}
 _DEFAULTS: dict[str, dict[str, Any]] = {
     "cifar100": {
         **_CIFAR,
@@ -53,12 +58,11 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "cifar10": {**_CIFAR, "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616)},
     "imagenet2012": {**_LARGE, **_IMAGENET_STATS, "eval_split": "validation"},
-    "image_folder": {**_LARGE, **_IMAGENET_STATS},
+    "image_folder": {**_LARGE, **_IMAGENET_STATS, "bad_files": "fail"},
     # Statistics of all 1797 digits scaled to [0, 1].
     "digits": {
         "image_size": 8,
         "augment": "none",
-        "shuffle_buffer": 2_048,
         "mean": (0.3053,) * 3,
         "std": (0.3760,) * 3,
     },

@@ -1,46 +1,90 @@
-"""Per-host image batches from TFDS, an image folder or scikit-learn's digits, via tf.data.
+"""Image batches from TFDS, an image folder or scikit-learn's digits, via tf.data.
 
-Each host reads its own contiguous slice of a split and yields numpy batches of
-``global_batch_size // process_count`` examples; the trainer assembles the global
-`jax.Array` with `jax.make_array_from_process_local_data`. Nothing is ever downloaded:
-TFDS data sets must already be prepared in ``data_dir``.
+Nothing is ever downloaded: TFDS data sets must already be prepared in ``data_dir``.
 
-Training batches are a pure function of ``(seed, step)``. Epoch ``e`` of a host is its
-slice shuffled with a seed derived from ``(seed, process_index, e)``; the augmentation of
-the example at position ``i`` of that epoch uses stateless random ops seeded from the same
-triple and ``i``. So ``train_batches(..., start_step=k)`` rebuilds exactly the stream an
-uninterrupted run yields from step k on: whole epochs are skipped by arithmetic, and the
-examples before step k of its epoch are dropped before they are decoded. Every host takes
-the same ``steps_per_epoch`` batches per epoch (the remainder of a shuffled epoch is
-dropped), so hosts never disagree on the step count.
+The training stream does not depend on the number of processes or devices. With ``n``
+training examples, global batch ``B`` and ``S = n // B`` steps per epoch, the global
+batch of step ``k = e * S + s`` holds the examples ``perm_e[s * B : (s + 1) * B]`` in
+that order, where ``perm_e`` is a permutation of ``range(n)`` drawn from ``(seed, e)``
+alone (the last ``n % B`` examples of each permutation sit the epoch out). Example ``i``
+of epoch ``e`` is augmented by stateless random ops keyed by ``(seed, e, i)``. So the
+global batch of a step is a pure function of ``(seed, step)``; a run can resume from a
+checkpoint on any topology and train on the same data. Process ``p`` of ``P`` yields rows
+``[p * B / P, (p + 1) * B / P)`` of every global batch, the block that
+`jax.make_array_from_process_local_data` expects on the trainer's 1-D "data" mesh, and
+reads only those examples; ``train_batches(..., start_step=k)`` starts at step ``k``
+without reading anything before it.
 
-Evaluation covers every example of the eval split exactly once: each host pads its slice
-with blank examples whose ``mask`` is False, up to the same number of batches on every
-host.
+That needs random access by example index, which each source provides its own way:
+  digits: arrays in memory.
+  image_folder: the list of files (paths in memory: about 100 MB for ImageNet), each
+    read by path; as much CPU per image as reading the folder in order.
+  TFDS in the ArrayRecord format (``tfds build --file_format=array_record``): the
+    `tfds.data_source`, its serialized records read by index (from Python, in chunks)
+    and parsed by TensorFlow; nothing held in memory, about a quarter more CPU per
+    CIFAR image than the TFRecord path.
+  TFDS in the TFRecord format (TFDS's default; TFRecord files are sequential): the
+    training split's encoded examples are read once into host memory and indexed there
+    (CIFAR-10 or CIFAR-100: about 130 MB per process, read in seconds at the start). A
+    split of more than `IN_MEMORY_LIMIT_BYTES` (ImageNet's train split: 140 GB) is
+    refused with the advice to rebuild it as ArrayRecord.
+A data set built in both formats has the same examples at the same indices, hence the
+same stream. The permutations come from NumPy's `Generator.permutation`, whose output
+NumPy keeps stable in practice but does not promise across versions.
+
+Evaluation covers the eval split exactly once on any topology: process ``p`` reads its
+contiguous slice ``[p * N / P, (p + 1) * N / P)`` in order (from TFRecord TFDS data
+sets, only that slice) and pads it, to the same number of batches on every process, with
+blank examples whose ``mask`` is False and ``index`` is -1.
+
+Batches are ``{"image": float32 [b, H, W, 3], "label": int32 [b], "index": int32 [b]}``
+with ``b = B / P``, plus ``"mask": bool [b]`` for eval. ``index`` is the example's
+position in its split: TFDS's order (``split[i]``), the files of an image folder sorted
+by class and then by file name, the fixed order of the digits split; with
+``max_*_examples`` the indices are those of the first examples.
+
+Image folders are checked when their source is built, once per split and process: every
+file of a split read must start with the header of an image format that
+`tf.io.decode_image` reads (JPEG, PNG, GIF, BMP, WebP, JPEG XL), at the cost of one small
+read per file (CIFAR-10's 60,000 JPEGs: seconds). A bad file is an error naming it, or
+with ``dataset.bad_files = "skip"`` is left out and counted in the log; names starting
+with "." are ignored. A file whose header is fine but whose body does not decode stops
+training with an error naming it when its batch is read. Class folders without files and
+data dirs without split folders are errors naming them.
 
 Config: `config.dataset`, documented in `bkd_jax.data.datasets`.
 """
 
 from __future__ import annotations
 
+import atexit
+import concurrent.futures
+import functools
 import itertools
 import math
 import pathlib
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
-from bkd_jax.data.datasets import AUGMENTATIONS, DATASETS, DatasetInfo, check_choice
+from bkd_jax.data.datasets import AUGMENTATIONS, BAD_FILES, DATASETS, DatasetInfo, check_choice
 
 # JAX owns the accelerators; tf.data runs on the host CPU only.
 tf.config.set_visible_devices([], "GPU")
 
+IN_MEMORY_LIMIT_BYTES = 16 * 2**30
 _CROP_PADDING = 4
 _DIGITS_NUM_TEST = 360
+_FETCH_CHUNK = 256  # Indices per lookup call, which may run Python code.
+_FILE_CHECK_THREADS = 32  # Header reads are I/O bound (and slow on remote file systems).
+_BAD_FILES_SHOWN = 5
 
 
 def dataset_info(ds_config: ml_collections.ConfigDict) -> DatasetInfo:
@@ -64,6 +108,12 @@ def steps_per_epoch(info: DatasetInfo, global_batch_size: int) -> int:
     return info.num_train // global_batch_size
 
 
+def _epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The order of the training examples in `epoch`: a permutation drawn from (seed, epoch)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch]))
+    return rng.permutation(num_examples)
+
+
 def train_batches(
     ds_config: ml_collections.ConfigDict,
     *,
@@ -73,17 +123,19 @@ def train_batches(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """This host's endless stream of augmented training batches, from step `start_step` on.
+    """This process's rows of the endless stream of augmented training batches.
 
     Args:
       ds_config: the `config.dataset` ConfigDict.
-      global_batch_size: examples per step summed over all hosts.
-      seed: fixes the shuffles and augmentations of every epoch.
+      global_batch_size: examples per step summed over all processes.
+      seed: fixes the order and augmentation of every epoch.
       start_step: first step to yield; the stream equals the tail of the one from step 0.
-      process_index, process_count: this host and the number of hosts; default JAX's.
+      process_index, process_count: this process and the number of processes; default
+        JAX's.
 
     Yields:
-      ``{"image": float32 [B, H, W, 3], "label": int32 [B]}``, B = global / hosts.
+      ``{"image": float32 [b, H, W, 3], "label": int32 [b], "index": int32 [b]}``, rows
+      ``[p * b, (p + 1) * b)`` of the global batch, b = global / processes.
     """
     index, count = _process(process_index, process_count)
     local_batch = _local_batch_size(global_batch_size, count)
@@ -97,25 +149,31 @@ def train_batches(
         )
     if start_step < 0:
         raise ValueError(f"start_step must be non-negative, got {start_step}")
-    start, stop = _host_slice(info.num_train, index, count)
     first_epoch, first_step = divmod(start_step, steps)
+    rows = slice(index * local_batch, (index + 1) * local_batch)
 
-    def epoch(number: int, skip_steps: int) -> tf.data.Dataset:
-        shuffle_seed, augment_seed = _epoch_seeds(seed, index, number)
-        ds = source.read(ds_config.train_split, start, stop, shuffle_seed=shuffle_seed)
-        ds = ds.shuffle(ds_config.shuffle_buffer, seed=shuffle_seed)
-        ds = ds.take(steps * local_batch).enumerate().skip(skip_steps * local_batch)
-        preprocess = _train_preprocess(source, ds_config, augment_seed)
-        ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.batch(local_batch, drop_remainder=True).with_options(_deterministic())
-        return ds.prefetch(tf.data.AUTOTUNE)
+    def host_rows(epoch: int) -> np.ndarray:
+        """[steps, local_batch] example indices of this process in `epoch`, from start_step."""
+        order = _epoch_permutation(seed, int(epoch), info.num_train)[: steps * global_batch_size]
+        skip = first_step if epoch == first_epoch else 0
+        return order.reshape(steps, global_batch_size)[skip:, rows]
 
-    def stream() -> Iterator[dict[str, np.ndarray]]:
-        for number in itertools.count(first_epoch):
-            skip_steps = first_step if number == first_epoch else 0
-            yield from epoch(number, skip_steps).as_numpy_iterator()
+    def epoch_examples(epoch: tf.Tensor) -> tf.data.Dataset:
+        indices = tf.numpy_function(lambda e: host_rows(e).ravel(), [epoch], tf.int64)
+        indices = tf.ensure_shape(indices, [None])
+        return tf.data.Dataset.from_tensor_slices((tf.fill(tf.shape(indices), epoch), indices))
 
-    return stream()
+    lookup = source.lookup(ds_config.train_split, info.num_train)
+    ds = tf.data.Dataset.range(first_epoch, np.iinfo(np.int64).max).flat_map(epoch_examples)
+    ds = ds.batch(local_batch).map(
+        lambda epoch, i: (epoch, i, lookup.fetch(i)), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    preprocess = _train_preprocess(lookup, ds_config, seed)
+    ds = ds.unbatch().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(local_batch, drop_remainder=True).with_options(_deterministic())
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    steps_rows = itertools.chain.from_iterable(map(host_rows, itertools.count(first_epoch)))
+    return _numpy_batches(ds, lookup, steps_rows)
 
 
 def eval_batches(
@@ -125,13 +183,14 @@ def eval_batches(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """This host's batches of the whole eval split, padded and masked, one pass.
+    """This process's batches of the whole eval split, padded and masked, one pass.
 
-    Every host yields ``ceil(ceil(num_eval / hosts) / B)`` batches; examples that only
-    pad have ``mask`` False (and a blank image, label 0).
+    Every process yields ``ceil(ceil(num_eval / processes) / b)`` batches; examples that
+    only pad have ``mask`` False, ``index`` -1, a blank image and label 0.
 
     Yields:
-      ``{"image": float32 [B, H, W, 3], "label": int32 [B], "mask": bool [B]}``.
+      ``{"image": float32 [b, H, W, 3], "label": int32 [b], "index": int32 [b],
+      "mask": bool [b]}``.
     """
     index, count = _process(process_index, process_count)
     local_batch = _local_batch_size(global_batch_size, count)
@@ -139,22 +198,24 @@ def eval_batches(
     info = _describe(source, ds_config)
     start, stop = _host_slice(info.num_eval, index, count)
     num_batches = math.ceil(math.ceil(info.num_eval / count) / local_batch)
+    padded = np.full(num_batches * local_batch, -1)
+    padded[: stop - start] = np.arange(start, stop)
 
-    ds = source.read(ds_config.eval_split, start, stop)
-    ds = ds.map(_eval_preprocess(source, ds_config), num_parallel_calls=tf.data.AUTOTUNE)
+    lookup, ds = source.read(ds_config.eval_split, start, stop)
+    ds = ds.map(_eval_preprocess(lookup, ds_config), num_parallel_calls=tf.data.AUTOTUNE)
     blank = {
         "image": tf.zeros(info.image_shape, tf.float32),
         "label": tf.constant(0, tf.int32),
+        "index": tf.constant(-1, tf.int32),
         "mask": tf.constant(False),
     }
-    padding = tf.data.Dataset.from_tensors(blank).repeat(num_batches * local_batch - stop + start)
+    padding = tf.data.Dataset.from_tensors(blank).repeat(len(padded) - (stop - start))
     ds = ds.concatenate(padding).batch(local_batch).prefetch(tf.data.AUTOTUNE)
-    return ds.as_numpy_iterator()
+    return _numpy_batches(ds, lookup, np.split(padded, num_batches))
 
 
 # ---------------------------------------------------------------------------------------
-# Sources: each reads a slice of a split as (undecoded image, label) pairs and decodes
-# images to float32 [H, W, 3] in [0, 1].
+# Sources: split sizes, and random access to a split's examples by index.
 
 
 def _decode_encoded(raw: tf.Tensor) -> tf.Tensor:
@@ -163,13 +224,94 @@ def _decode_encoded(raw: tf.Tensor) -> tf.Tensor:
     return tf.image.convert_image_dtype(image, tf.float32)
 
 
-class _EncodedSource:
-    """A source whose images are encoded files (PNG, JPEG, ...)."""
+class _Lookup:
+    """Random access to a split inside tf.data: `fetch` gathers the records of a vector of
+    indices, `parse` turns one record into (float32 [H, W, 3] image in [0, 1], label)."""
 
-    decode = staticmethod(_decode_encoded)
+    def __init__(self, decode=_decode_encoded):
+        self._decode = decode
+
+    def fetch(self, indices: tf.Tensor) -> Any:
+        raise NotImplementedError
+
+    def parse(self, record: Any) -> tuple[tf.Tensor, tf.Tensor]:
+        raw, label = record
+        return self._decode(raw), label
+
+    def bad_file(self, indices: np.ndarray) -> str | None:
+        """A file among `indices` (-1: none) that does not decode, and why; None: unknown."""
+        del indices
+        return None
 
 
-class _TfdsSource(_EncodedSource):
+class _ArrayLookup(_Lookup):
+    """A split held in host memory: images, encoded images or file paths."""
+
+    def __init__(self, raw: np.ndarray, labels: np.ndarray, decode=_decode_encoded):
+        super().__init__(decode)
+        self._raw = tf.constant(raw)
+        self._labels = tf.constant(labels, tf.int64)
+
+    def fetch(self, indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        return tf.gather(self._raw, indices), tf.gather(self._labels, indices)
+
+
+class _FileLookup(_ArrayLookup):
+    """Image files: their paths in memory, each file read when its example is parsed."""
+
+    def __init__(self, paths: np.ndarray, labels: np.ndarray):
+        super().__init__(paths, labels, lambda path: _decode_encoded(tf.io.read_file(path)))
+        self._paths = paths
+
+    def bad_file(self, indices: np.ndarray) -> str | None:
+        for path in self._paths[indices[indices >= 0]]:
+            try:
+                self._decode(path)
+            except tf.errors.OpError as error:
+                return f"{path}: {error.message}"
+        return None
+
+
+class _DataSourceLookup(_Lookup):
+    """A `tfds.data_source` (ArrayRecord) of serialized examples, parsed by TensorFlow."""
+
+    def __init__(self, records: Sequence[bytes], features: tfds.features.FeaturesDict):
+        super().__init__()
+        self._records = records
+        self._features = features
+
+    def fetch(self, indices: tf.Tensor) -> tf.Tensor:
+        def read(indices: np.ndarray) -> np.ndarray:
+            return np.array([self._records[i] for i in indices.tolist()], dtype=object)
+
+        return tf.ensure_shape(tf.numpy_function(read, [indices], tf.string), [None])
+
+    def parse(self, record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        example = self._features.deserialize_example(record, decoders=_SKIP_IMAGE_DECODING)
+        return super().parse(_image_label(example))
+
+
+class _Source:
+    """A data set: split sizes and random access to a split."""
+
+    num_classes: int
+
+    def count(self, split: str) -> int:
+        raise NotImplementedError
+
+    def lookup(self, split: str, num_examples: int) -> _Lookup:
+        """Random access to the first `num_examples` examples of `split`."""
+        raise NotImplementedError
+
+    def read(self, split: str, start: int, stop: int) -> tuple[_Lookup, tf.data.Dataset]:
+        """Examples [start, stop) of `split` in order, as (index, record) for the lookup."""
+        lookup = self.lookup(split, stop)
+        ds = tf.data.Dataset.range(start, stop).batch(_FETCH_CHUNK)
+        ds = ds.map(lambda i: (i, lookup.fetch(i)), num_parallel_calls=tf.data.AUTOTUNE)
+        return lookup, ds.unbatch()
+
+
+class _TfdsSource(_Source):
     """A TFDS data set already prepared in a data dir; images stay encoded until decoded."""
 
     def __init__(self, name: str, data_dir: str | None):
@@ -185,24 +327,62 @@ class _TfdsSource(_EncodedSource):
             raise ValueError(f"{self._name} has no split {split!r}; it has {sorted(splits)}")
         return splits[split].num_examples
 
-    def read(self, split: str, start: int, stop: int, shuffle_seed: int | None = None):
-        # `take` also bounds readers that ignore the slice (tfds.testing.mock_data).
-        ds = self._open(f"{split}[{start}:{stop}]", shuffle_seed).take(stop - start)
-        return ds.map(lambda ex: (ex["image"], ex["label"]))
+    def lookup(self, split: str, num_examples: int) -> _Lookup:
+        if self._random_access():
+            records = self._builder.as_data_source(
+                split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES
+            )
+            return _DataSourceLookup(records, self._builder.info.features)
+        self._check_fits_in_memory(split, num_examples)
+        raw, labels = [], []
+        pairs = self._open(split).take(num_examples).map(_image_label).batch(1024)
+        for raw_batch, label_batch in pairs.as_numpy_iterator():
+            raw.append(raw_batch)
+            labels.append(label_batch)
+        return _ArrayLookup(np.concatenate(raw), np.concatenate(labels))
 
-    def _open(self, split: str, shuffle_seed: int | None = None) -> tf.data.Dataset:
+    def read(self, split: str, start: int, stop: int) -> tuple[_Lookup, tf.data.Dataset]:
+        if self._random_access():
+            return super().read(split, start, stop)
+        # TFRecord: read only the slice. `take` also bounds readers that ignore the slice
+        # (tfds.testing.mock_data).
+        pairs = self._open(f"{split}[{start}:{stop}]").take(stop - start).map(_image_label)
+        return _Lookup(), tf.data.Dataset.zip(tf.data.Dataset.range(start, stop), pairs)
+
+    def _random_access(self) -> bool:
+        return self._builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+
+    def _check_fits_in_memory(self, split: str, num_examples: int) -> None:
+        info = self._builder.info.splits.get(split) if self._builder.info.splits else None
+        if info is None or not info.num_examples:
+            return
+        size = info.num_bytes * min(num_examples, info.num_examples) / info.num_examples
+        if size > IN_MEMORY_LIMIT_BYTES:
+            raise ValueError(
+                f"{self._name} split {split!r} is stored as TFRecord, which has no random "
+                f"access, and at {size / 2**30:.1f} GiB is too large to index in memory "
+                f"(limit {IN_MEMORY_LIMIT_BYTES / 2**30:.1f} GiB). Rebuild it as ArrayRecord: "
+                f"`tfds build {self._name} --file_format=array_record "
+                f"--data_dir={self._root()}`, or use it as an image_folder."
+            )
+
+    def _open(self, split: str) -> tf.data.Dataset:
+        """`split` in TFDS's order: one file at a time, in order."""
         try:
             return self._builder.as_dataset(
                 split=split,
-                shuffle_files=shuffle_seed is not None,
-                decoders={"image": tfds.decode.SkipDecoding()},
-                read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed),
+                shuffle_files=False,
+                decoders=_SKIP_IMAGE_DECODING,
+                read_config=tfds.ReadConfig(interleave_cycle_length=1),
             )
         except AssertionError as e:  # TFDS's way of saying the data is not prepared.
             raise ValueError(self._not_prepared_message()) from e
 
+    def _root(self) -> pathlib.Path:
+        return pathlib.Path(self._builder.data_dir).parents[1]
+
     def _not_prepared_message(self) -> str:
-        root = pathlib.Path(self._builder.data_dir).parents[1]
+        root = self._root()
         message = (
             f"TFDS data set {self._name!r} is not prepared in data_dir {root} (searched "
             f"{self._builder.data_dir}); bkd_jax never downloads. Prepare it once on a "
@@ -217,35 +397,118 @@ class _TfdsSource(_EncodedSource):
         return message
 
 
-class _FolderSource(_EncodedSource):
-    """``root/<split>/<class>/<image>`` read by `tfds.folder_dataset.ImageFolder`."""
+_SKIP_IMAGE_DECODING = {"image": tfds.decode.SkipDecoding()}
 
-    def __init__(self, root: str | None):
+
+def _image_label(example: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+    return example["image"], example["label"]
+
+
+class _FolderSource(_Source):
+    """``root/<split>/<class>/<image>``; classes are the sorted class folder names of all
+    splits, a split's examples its files sorted by class and file name."""
+
+    def __init__(self, root: str | None, bad_files: str):
         if not root or not tf.io.gfile.isdir(root):
             raise ValueError(
                 f"image_folder root {root!r} is not a directory; set dataset.data_dir to a "
                 "folder laid out as <data_dir>/<split>/<class>/<image>"
             )
+        check_choice("bad_files setting", bad_files, BAD_FILES)
         self._root = root
-        self._builder = tfds.folder_dataset.ImageFolder(root)
-        self.num_classes = self._builder.info.features["label"].num_classes
+        self._bad_files = bad_files
+        self._splits = _subfolders(root)
+        if not self._splits:
+            raise ValueError(
+                f"image folder {root} has no split folders; expected {root}/<split>/<class>/<image>"
+            )
+        classes = {c for split in self._splits for c in _subfolders(_join(root, split))}
+        self._classes = tuple(sorted(classes))
+        self.num_classes = len(self._classes)
 
     def count(self, split: str) -> int:
-        splits = self._builder.info.splits
-        if split not in splits:
+        return len(self._files(split)[0])
+
+    def lookup(self, split: str, num_examples: int) -> _Lookup:
+        paths, labels = self._files(split)
+        return _FileLookup(paths[:num_examples], labels[:num_examples])
+
+    def _files(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        if split not in self._splits:
             raise ValueError(
                 f"image folder {self._root} has no split folder {split!r} with images in "
-                f"class subfolders; split folders found: {sorted(splits)}"
+                f"class subfolders; split folders found: {self._splits}"
             )
-        return splits[split].num_examples
-
-    def read(self, split: str, start: int, stop: int, shuffle_seed: int | None = None):
-        del shuffle_seed  # File order is fixed; the pipeline's shuffle does the work.
-        ds = self._builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
-        return ds.skip(start).take(stop - start).map(lambda ex: (ex["image"], ex["label"]))
+        return _scan_split(_join(self._root, split), self._classes, self._bad_files)
 
 
-class _DigitsSource:
+@functools.lru_cache(maxsize=16)
+def _scan_split(
+    split_dir: str, classes: tuple[str, ...], bad_files: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(paths, labels) of a split's checked image files, sorted by class and file name."""
+    found = _subfolders(split_dir)
+    if not found:
+        raise ValueError(f"split folder {split_dir} has no class folders")
+    paths, labels = [], []
+    for name in found:
+        class_dir = _join(split_dir, name)
+        names = tf.io.gfile.listdir(class_dir)
+        files = sorted(f for f in names if not f.startswith(".") and not f.endswith("/"))
+        if not files:
+            raise ValueError(f"class folder {class_dir} has no image files")
+        paths += [_join(class_dir, f) for f in files]
+        labels += [classes.index(name)] * len(files)
+    with concurrent.futures.ThreadPoolExecutor(_FILE_CHECK_THREADS) as pool:
+        problems = list(pool.map(_file_problem, paths))
+    bad = [(path, problem) for path, problem in zip(paths, problems, strict=True) if problem]
+    if bad:
+        _report_bad_files(split_dir, bad, bad_files)
+        kept = [i for i, problem in enumerate(problems) if problem is None]
+        paths, labels = [paths[i] for i in kept], [labels[i] for i in kept]
+        empty = sorted(set(found) - {classes[label] for label in labels})
+        if empty:
+            raise ValueError(f"class folders {empty} of {split_dir} have no readable images")
+    return np.array(paths, dtype=object), np.array(labels, np.int64)
+
+
+_IMAGE_MAGIC = (
+    b"\xff\xd8\xff",  # JPEG
+    b"\x89PNG\r\n\x1a\n",
+    b"GIF87a",
+    b"GIF89a",
+    b"BM",
+    b"\xff\x0a",  # JPEG XL codestream
+    b"\x00\x00\x00\x0cJXL \r\n\x87\n",  # JPEG XL container
+)
+
+
+def _file_problem(path: str) -> str | None:
+    """None if the file starts like an image `tf.io.decode_image` reads, else the problem."""
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            head = f.read(12)
+    except (OSError, tf.errors.OpError) as error:
+        return f"unreadable ({error})"
+    if head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
+        return None
+    return "not an image (no JPEG, PNG, GIF, BMP, WebP or JPEG XL header)"
+
+
+def _report_bad_files(split_dir: str, bad: list[tuple[str, str]], bad_files: str) -> None:
+    """Raises ValueError listing the bad files, or logs them when they are skipped."""
+    listing = "; ".join(f"{path}: {problem}" for path, problem in bad[:_BAD_FILES_SHOWN])
+    if len(bad) > _BAD_FILES_SHOWN:
+        listing += f"; and {len(bad) - _BAD_FILES_SHOWN} more"
+    if bad_files == "fail":
+        raise ValueError(
+            f"{len(bad)} bad image files in {split_dir}: {listing}. Remove them, or set "
+            "dataset.bad_files='skip' to leave them out"
+        )
+    logging.warning("Skipping %d bad image files in %s: %s", len(bad), split_dir, listing)
+
+
+class _DigitsSource(_Source):
     """scikit-learn's digits with a fixed split: the 360 first of a seed-0 permutation test."""
 
     num_classes = 10
@@ -255,7 +518,7 @@ class _DigitsSource:
 
         digits = load_digits()
         images = (digits.images / 16.0).astype(np.float32)[..., None]
-        labels = digits.target.astype(np.int32)
+        labels = digits.target.astype(np.int64)
         order = np.random.default_rng(0).permutation(len(labels))
         test, train = order[:_DIGITS_NUM_TEST], order[_DIGITS_NUM_TEST:]
         self._splits = {
@@ -268,15 +531,9 @@ class _DigitsSource:
             raise ValueError(f"digits has no split {split!r}; it has {sorted(self._splits)}")
         return len(self._splits[split][1])
 
-    def read(self, split: str, start: int, stop: int, shuffle_seed: int | None = None):
-        del shuffle_seed  # In memory: the pipeline's shuffle permutes it.
+    def lookup(self, split: str, num_examples: int) -> _Lookup:
         images, labels = self._splits[split]
-        return tf.data.Dataset.from_tensor_slices((images[start:stop], labels[start:stop]))
-
-    decode = staticmethod(tf.image.grayscale_to_rgb)
-
-
-_Source = _TfdsSource | _FolderSource | _DigitsSource
+        return _ArrayLookup(images[:num_examples], labels[:num_examples], tf.image.grayscale_to_rgb)
 
 
 def _source(ds_config: ml_collections.ConfigDict) -> _Source:
@@ -284,14 +541,14 @@ def _source(ds_config: ml_collections.ConfigDict) -> _Source:
     check_choice("dataset", ds_config.name, DATASETS)
     check_choice("augmentation", ds_config.augment, AUGMENTATIONS)
     if ds_config.name == "image_folder":
-        return _FolderSource(ds_config.data_dir)
+        return _FolderSource(ds_config.data_dir, ds_config.bad_files)
     if ds_config.name == "digits":
         return _DigitsSource()
     return _TfdsSource(ds_config.name, ds_config.data_dir)
 
 
 # ---------------------------------------------------------------------------------------
-# Preprocessing: float32 [H, W, 3] in [0, 1] -> normalised [size, size, 3].
+# Preprocessing: a record -> example with a normalised [size, size, 3] image.
 
 
 def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -334,54 +591,104 @@ def _resize_shorter_centre_crop(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.image.resize_with_crop_or_pad(image, size, size)
 
 
-def _normalise(image: tf.Tensor, ds_config: ml_collections.ConfigDict) -> tf.Tensor:
-    """(image - mean) / std, with the static shape [size, size, 3] made known."""
+def _example(image, label, index, ds_config: ml_collections.ConfigDict) -> dict[str, tf.Tensor]:
+    """The batch entries of one example; (image - mean) / std with its static shape."""
     mean = tf.constant(ds_config.mean, tf.float32)
     std = tf.constant(ds_config.std, tf.float32)
     size = ds_config.image_size
-    return tf.ensure_shape((image - mean) / std, (size, size, 3))
+    return {
+        "image": tf.ensure_shape((image - mean) / std, (size, size, 3)),
+        "label": tf.cast(label, tf.int32),
+        "index": tf.cast(index, tf.int32),
+    }
 
 
-def _train_preprocess(source: _Source, ds_config: ml_collections.ConfigDict, augment_seed):
-    """(position in epoch, (raw, label)) -> example, augmented with a seed per position."""
+def _train_preprocess(lookup: _Lookup, ds_config: ml_collections.ConfigDict, seed: int):
+    """(epoch, index, record) -> augmented example, keyed by (seed, epoch, index)."""
     size = ds_config.image_size
+    key = tf.constant(np.random.SeedSequence(seed).generate_state(2).astype(np.int64))
 
-    def preprocess(position, raw_label):
-        raw, label = raw_label
-        image = source.decode(raw)
-        seed = tf.random.experimental.stateless_fold_in(augment_seed, position)
+    def preprocess(epoch, index, record):
+        image, label = lookup.parse(record)
+        fold_in = tf.random.experimental.stateless_fold_in
+        example_key = fold_in(fold_in(key, epoch), index)
         if ds_config.augment == "crop_flip":
-            image = _crop_flip(image, size, seed)
+            image = _crop_flip(image, size, example_key)
         elif ds_config.augment == "inception":
-            image = _inception_crop(image, size, seed)
+            image = _inception_crop(image, size, example_key)
         else:
             image = _resize(image, size)
-        return {"image": _normalise(image, ds_config), "label": tf.cast(label, tf.int32)}
+        return _example(image, label, index, ds_config)
 
     return preprocess
 
 
-def _eval_preprocess(source: _Source, ds_config: ml_collections.ConfigDict):
-    """(raw, label) -> unaugmented example with mask True."""
+def _eval_preprocess(lookup: _Lookup, ds_config: ml_collections.ConfigDict):
+    """(index, record) -> unaugmented example with mask True."""
     size = ds_config.image_size
 
-    def preprocess(raw, label):
-        image = source.decode(raw)
+    def preprocess(index, record):
+        image, label = lookup.parse(record)
         if ds_config.augment == "inception":
             image = _resize_shorter_centre_crop(image, size)
         else:
             image = _resize(image, size)
-        return {
-            "image": _normalise(image, ds_config),
-            "label": tf.cast(label, tf.int32),
-            "mask": tf.constant(True),
-        }
+        return {**_example(image, label, index, ds_config), "mask": tf.constant(True)}
 
     return preprocess
 
 
 # ---------------------------------------------------------------------------------------
 # Small helpers.
+
+
+def _numpy_batches(
+    ds: tf.data.Dataset, lookup: _Lookup, indices: Iterable[np.ndarray]
+) -> Iterator[dict[str, np.ndarray]]:
+    """`ds` as numpy batches, batch j holding examples `indices[j]`.
+
+    An image that fails to decode is reported by its file name where the lookup knows
+    it. The stream closes at exit at the latest (see `_close_open_streams`).
+    """
+    stream = _named_errors(ds, lookup, indices)
+    _OPEN_STREAMS.add(stream)
+    return stream
+
+
+def _named_errors(ds, lookup, indices):
+    batches = ds.as_numpy_iterator()
+    for batch_indices in indices:
+        try:
+            batch = next(batches)
+        except tf.errors.OpError as error:
+            bad = lookup.bad_file(batch_indices)
+            if bad is None:
+                raise
+            raise ValueError(f"cannot decode image file {bad}") from error
+        except StopIteration:
+            return
+        yield batch
+
+
+_OPEN_STREAMS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_streams() -> None:
+    """Stops the tf.data threads of streams still open at exit, before Python finalizes:
+    one of them calling Python code (`tf.numpy_function`) then would abort the process."""
+    for stream in list(_OPEN_STREAMS):
+        stream.close()
+
+
+def _subfolders(path: str) -> list[str]:
+    """Sorted names of the folders in `path`, hidden ones (".name") left out."""
+    names = (name.rstrip("/") for name in tf.io.gfile.listdir(path))
+    return sorted(n for n in names if not n.startswith(".") and tf.io.gfile.isdir(_join(path, n)))
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.rstrip("/") for p in parts)
 
 
 def _deterministic() -> tf.data.Options:
@@ -420,11 +727,5 @@ def _local_batch_size(global_batch_size: int, process_count: int) -> int:
 
 
 def _host_slice(n: int, index: int, count: int) -> tuple[int, int]:
-    """[start, stop) of host `index` among `count` in n examples; sizes differ by <= 1."""
+    """[start, stop) of process `index` among `count` in n examples; sizes differ by <= 1."""
     return index * n // count, (index + 1) * n // count
-
-
-def _epoch_seeds(seed: int, index: int, epoch: int) -> tuple[int, tf.Tensor]:
-    """Shuffle seed and augmentation key of one host's epoch, derived from all three."""
-    words = np.random.SeedSequence([seed, index, epoch]).generate_state(3)
-    return int(words[0]), tf.constant(words[1:].astype(np.int64))
