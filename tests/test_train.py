@@ -60,7 +60,6 @@ def mock_cifar10_config(method: str, teacher_checkpoint: str | None = None):
     config.log_every_steps = 1
     config.checkpoint_every_steps = 2
     config.tensorboard = False
-    config.dataset.shuffle_buffer = MOCK_EXAMPLES
     return config
 
 
@@ -289,7 +288,6 @@ def test_learns_real_cifar10_jpegs(shared_data, tmp_path):
         augment="none",  # four epochs are too few for augmentation to pay
         mean=(0.4914, 0.4822, 0.4465),
         std=(0.2470, 0.2435, 0.2616),
-        shuffle_buffer=4096,
     )
     config.num_train_steps = 200  # 4.3 epochs of 46 steps of 64
     config.optim.learning_rate = 0.2
