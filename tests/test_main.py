@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from bkd_jax.training import checkpointing, loop
+from bkd_jax.training import checkpointing, config_guard, loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Optimisation level 1 compiles faster on CPU than the default and runs these steps about as
@@ -176,7 +176,7 @@ def test_console_shows_progress_and_final_accuracies_without_library_chatter(run
 
 
 def test_resolved_config_is_saved_in_the_workdir(runs):
-    saved = json.loads((runs["uninterrupted"] / checkpointing.CONFIG_FILE).read_text())
+    saved = json.loads((runs["uninterrupted"] / config_guard.CONFIG_FILE).read_text())
     assert saved["num_train_steps"] == STEPS
     assert saved["global_batch_size"] == 16
     assert saved["dataset"]["name"] == "digits"
