@@ -112,7 +112,7 @@ def _rows(workdir) -> list[dict]:
 
 
 def _student(workdir, step: int) -> list[np.ndarray]:
-    variables, _ = checkpointing._load_step(workdir / checkpointing.LATEST_DIR / str(step))
+    variables, _ = checkpointing.read_student(workdir / checkpointing.LATEST_DIR / str(step))
     return jax.tree.leaves(variables)
 
 

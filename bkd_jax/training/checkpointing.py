@@ -407,8 +407,13 @@ def _load_standalone(directory: epath.Path) -> tuple[dict[str, Any], dict[str, A
     return restored[_VARIABLES], restored[_METADATA]
 
 
-def _load_step(step_dir: epath.Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The student variables and the extra dict of one train-state checkpoint step."""
+def read_student(step_dir: str | epath.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The student variables and the extra dict of one step, e.g. workdir/checkpoints/100.
+
+    Raises:
+      CorruptCheckpointError: when a recorded file is missing, truncated or changed.
+    """
+    step_dir = absolute(step_dir)
     verify_integrity(step_dir)
     handler = ocp.CompositeCheckpointHandler(
         **{_STATE: ocp.PyTreeCheckpointHandler(), _EXTRA: ocp.JsonCheckpointHandler()}
@@ -440,7 +445,7 @@ def _load_student(workdir: epath.Path) -> tuple[dict[str, Any], dict[str, Any]]:
         for step in reversed(saved_steps(workdir / kind)):
             step_dir = workdir / kind / str(step)
             try:
-                variables, extra = _load_step(step_dir)
+                variables, extra = read_student(step_dir)
             except Exception as e:  # Any unreadable step falls back.
                 logging.error("Skipping checkpoint %s: %s", step_dir, _one_line(e))
                 continue

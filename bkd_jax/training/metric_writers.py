@@ -50,7 +50,7 @@ class _JsonLinesWriter:
             ]
             partial = path.parent / f"{path.name}.tmp"
             partial.write_text("".join(kept))
-            partial.rename(path)
+            partial.replace(path)
         self._file = path.open("a")
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
