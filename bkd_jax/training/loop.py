@@ -166,11 +166,19 @@ def jit_eval_step(distiller: distillers.Distiller, mesh: Mesh) -> Callable:
     )
 
 
+def to_devices(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows of a batch as global arrays: the one explicit host-to-device
+    transfer of the loop, allowed under its transfer guard (on several processes JAX
+    assembles the array through a transfer the guard would otherwise refuse)."""
+    with jax.transfer_guard("allow"):
+        return sharding.global_batch(local, mesh)
+
+
 def evaluate(eval_step, state, teacher_vars, config, mesh) -> dict[str, float]:
     """Top-1/top-5 of every evaluated model over the whole eval split."""
     sums = None
     for local in pipeline.eval_batches(config.dataset, global_batch_size=config.eval_batch_size):
-        out = eval_step(state, teacher_vars, sharding.global_batch(local, mesh))
+        out = eval_step(state, teacher_vars, to_devices(local, mesh))
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = jax.device_get(sums)
     count = float(sums.pop("count"))
@@ -312,7 +320,16 @@ def _run(
         with MetricWriter(
             workdir, tensorboard=config.tensorboard, resume_step=resume_step
         ) as writer:
-            step = _train(config, setup, state, eval_step, checkpointer, writer, extra, guard)
+            try:
+                step = _train(config, setup, state, eval_step, checkpointer, writer, extra, guard)
+            except jax.errors.JaxRuntimeError as e:
+                if jax.process_count() == 1:
+                    raise
+                raise RuntimeError(
+                    f"process {jax.process_index()} of {jax.process_count()}: a computation "
+                    "across processes failed, most likely because another process died (see "
+                    f"its log); stopping. {str(e).splitlines()[0]}"
+                ) from e
         checkpointer.wait_until_finished()
     finally:
         checkpointer.close()
@@ -395,7 +412,7 @@ def _train(
         waited = time.monotonic()
         local = next(batches)
         with jax.transfer_guard("disallow"):
-            batch = sharding.global_batch(local, setup.mesh)
+            batch = to_devices(local, setup.mesh)
             data_seconds += time.monotonic() - waited
             state, train_metrics = train_step(state, setup.teacher_vars, batch)
             pending.append((step, train_metrics))
