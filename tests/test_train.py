@@ -377,10 +377,7 @@ def _teacher_checkpoint_missing(tmp_path, teacher):
 def _teacher_checkpoint_of_another_model(tmp_path, teacher):
     config = digits_config("kd", teacher="resnet20")
     config.teacher_checkpoint = str(teacher)
-    return config, (
-        f"teacher checkpoint {teacher} does not match model resnet20 "
-        r"\(\d+ problems\):\n  missing \['batch_stats'\]\['block1'\]\['layer1_1'\]"
-    )
+    return config, f"teacher checkpoint {teacher} holds resnet8, config.teacher is resnet20"
 
 
 def _bad_distillation_option(tmp_path, teacher):
