@@ -195,6 +195,23 @@ def test_every_saved_step_carries_an_integrity_record(tmp_path):
         checkpointing.verify_integrity(step_dir)
 
 
+def test_partial_step_of_an_interrupted_save_is_removed(tmp_path, caplog):
+    ckpt = checkpointing.Checkpointer(tmp_path, save_interval_steps=1, best_metric=None)
+    ckpt.save(1, _state(1), {"at": 1})
+    ckpt.close()
+    partial = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "_METADATA").write_text("{")
+    with caplog.at_level("WARNING"):
+        reopened = checkpointing.Checkpointer(tmp_path, save_interval_steps=1, best_metric=None)
+    assert f"Removing {partial}: its save was interrupted." in caplog.text
+    assert not partial.exists()
+    assert reopened.restore(_state(0))[1] == {"at": 1}
+    assert reopened.save(2, _state(2), {"at": 2})
+    reopened.close()
+    assert _saved_steps(tmp_path / "checkpoints") == [1, 2]
+
+
 def _damage(path: pathlib.Path, how: str) -> None:
     data = path.read_bytes()
     if how == "truncate":

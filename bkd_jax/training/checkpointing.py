@@ -14,7 +14,7 @@ sharding, so a sharded state comes back sharded.
 
 Crash safety: orbax writes a step into a temporary directory and renames it when every
 file is written, so a process killed mid-save leaves no step that looks complete (the
-leftover is removed at the next start). Before that rename, process 0 adds
+leftover is removed, and logged, at the next start). Before that rename, process 0 adds
 ``integrity.json`` (size and CRC-32 of every file), so a file truncated or damaged later is
 named when the step is restored; `Checkpointer.restore` then logs it, moves the step to
 ``workdir/corrupt/`` and falls back to the previous step.
@@ -53,6 +53,7 @@ STUDENT_COLLECTIONS = ("params", "batch_stats")
 _STATE, _EXTRA = "state", "extra"
 _VARIABLES, _METADATA = "variables", "metadata"
 _CHUNK = 1 << 20
+_TMP_MARK = "orbax-checkpoint-tmp"  # in the name of a step directory orbax is writing
 # Not recorded: the record itself, and orbax's step metadata, which it updates after saving.
 _UNRECORDED = (INTEGRITY_FILE, "_CHECKPOINT_METADATA")
 
@@ -143,7 +144,7 @@ def _sealer(directory: epath.Path, saving: dict[str, int]) -> Callable[[], None]
         if jax.process_index() != 0:
             return
         step = saving["step"]
-        pending = list(directory.glob(f"{step}.orbax-checkpoint-tmp*"))
+        pending = list(directory.glob(f"{step}.{_TMP_MARK}*"))
         target = pending[0] if len(pending) == 1 else directory / str(step)
         try:
             write_integrity(target)
@@ -153,13 +154,25 @@ def _sealer(directory: epath.Path, saving: dict[str, int]) -> Callable[[], None]
     return seal
 
 
+def _remove_partial_steps(directory: epath.Path) -> None:
+    """Deletes the temporary directories of saves that never finished (process 0)."""
+    if jax.process_index() != 0 or not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        if _TMP_MARK in path.name and path.is_dir():
+            logging.warning("Removing %s: its save was interrupted.", path)
+            path.rmtree()
+
+
 def _manager(
     directory: epath.Path, saving: dict[str, int], **options: Any
 ) -> ocp.CheckpointManager:
+    # Done here, synchronously, rather than by orbax's cleanup_tmp_directories in a
+    # background thread that would still run when the first save starts.
+    _remove_partial_steps(directory)
     return ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(
-            cleanup_tmp_directories=True,
             async_options=ocp.AsyncOptions(post_finalization_callback=_sealer(directory, saving)),
             **options,
         ),
@@ -303,6 +316,8 @@ class Checkpointer:
           ValueError: when checkpoints exist but none of them can be read.
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        if jax.process_count() > 1:  # every process lists the steps before any is set aside
+            multihost_utils.sync_global_devices(f"bkd_jax restore {self._workdir}")
         candidates = sorted(
             ((step, rank) for rank, m in enumerate(self._managers()) for step in m.all_steps()),
             key=lambda c: (-c[0], c[1]),
