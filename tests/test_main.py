@@ -201,6 +201,10 @@ def test_console_shows_progress_and_final_accuracies_without_library_chatter(run
     assert f"last {100 * last:.2f}%" in output
     assert "ce resnet8 (student 78,042 parameters) on digits (1437 train / 360 eval" in output
     assert "checkpoint_manager.py" not in output  # orbax's INFO lines are filtered out
+    rows = [json.loads(line) for line in (runs["uninterrupted"] / "metrics.jsonl").open()]
+    timed = [r for r in rows if "train/loss" in r]
+    assert len(timed) == STEPS
+    assert all(0 <= r["train/data_seconds_per_step"] <= r["train/seconds_per_step"] for r in timed)
 
 
 def test_resolved_config_is_saved_in_the_workdir(runs):
