@@ -24,10 +24,11 @@ ever holds a non-finite state.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -316,20 +317,9 @@ def _run(
             return summary
 
         _log_start(config, setup, state)
-        resume_step = int(state.step)
-        with MetricWriter(
-            workdir, tensorboard=config.tensorboard, resume_step=resume_step
-        ) as writer:
-            try:
-                step = _train(config, setup, state, eval_step, checkpointer, writer, extra, guard)
-            except jax.errors.JaxRuntimeError as e:
-                if jax.process_count() == 1:
-                    raise
-                raise RuntimeError(
-                    f"process {jax.process_index()} of {jax.process_count()}: a computation "
-                    "across processes failed, most likely because another process died (see "
-                    f"its log); stopping. {str(e).splitlines()[0]}"
-                ) from e
+        writer = MetricWriter(workdir, tensorboard=config.tensorboard, resume_step=int(state.step))
+        with writer, _explain_peer_failure():
+            step = _train(config, setup, state, eval_step, checkpointer, writer, extra, guard)
         checkpointer.wait_until_finished()
     finally:
         checkpointer.close()
@@ -338,6 +328,21 @@ def _run(
         _write_results(workdir, summary)
         _log_summary(summary, workdir)
     return summary
+
+
+@contextlib.contextmanager
+def _explain_peer_failure() -> Iterator[None]:
+    """On several processes, says why a computation failed when a peer died mid-run."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        raise RuntimeError(
+            f"process {jax.process_index()} of {jax.process_count()}: a computation across "
+            "processes failed, most likely because another process died (see its log); "
+            f"stopping. {str(e).splitlines()[0]}"
+        ) from e
 
 
 def _check_finite(
