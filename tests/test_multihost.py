@@ -29,7 +29,7 @@ from bkd_jax.training import checkpointing
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 30
-HEARTBEAT_SECONDS = 5  # --heartbeat_timeout_seconds: the bound on noticing a dead process
+HEARTBEAT_SECONDS = 10  # --heartbeat_timeout_seconds: the bound on noticing a dead process
 CONFIG = """
 from bkd_jax.config_defaults import base_config
 
