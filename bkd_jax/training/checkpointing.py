@@ -174,6 +174,11 @@ def _manager(
         directory,
         options=ocp.CheckpointManagerOptions(
             async_options=ocp.AsyncOptions(post_finalization_callback=_sealer(directory, saving)),
+            # Its own barrier names: on several processes the latest and the best manager
+            # may save the same step at once, and same-named barriers would collide.
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=f"bkd_jax_{directory.name}"
+            ),
             **options,
         ),
     )

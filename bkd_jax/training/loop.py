@@ -316,6 +316,10 @@ def _run(
             logging.info("Evaluation: %s", json.dumps(metrics, indent=1))
             return summary
 
+        start = int(state.step)
+        if guard.should_stop(start):  # a signal during set-up: not worth compiling the step
+            logging.warning("Stopped before step %d; nothing new to save.", start + 1)
+            return {"steps": start, "total_steps": setup.total_steps}
         _log_start(config, setup, state)
         writer = MetricWriter(workdir, tensorboard=config.tensorboard, resume_step=int(state.step))
         with writer, _explain_peer_failure():
@@ -399,9 +403,6 @@ def _train(
         setup.distiller, setup.optimizer, warmup, setup.mesh, config.on_nonfinite
     )
     start = step = int(state.step)
-    if guard.should_stop(start):
-        logging.warning("Stopped before step %d; nothing new to save.", start + 1)
-        return start
     batches = pipeline.train_batches(
         config.dataset,
         global_batch_size=config.global_batch_size,
