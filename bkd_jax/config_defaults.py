@@ -83,5 +83,6 @@ def base_config(dataset: str, *, teacher: str, student: str, method: str):
     config.eval_every_epochs = 1
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
+    config.on_nonfinite = "stop"  # NaN/Inf in a loss term, gradient or weight: stop | skip
     config.tensorboard = True
     return config

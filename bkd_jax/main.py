@@ -31,25 +31,31 @@ _MULTIHOST = flags.DEFINE_bool(
     False,
     "Join a multi-process run first (TPU pod slices, multi-node GPU); see launch/.",
 )
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds",
+    100,  # jax.distributed.initialize's default
+    "With --multihost: a process that sends no heartbeat for this long counts as dead, and "
+    "the others then exit with an error instead of waiting for it.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def initialize_distributed() -> None:
+def initialize_distributed(heartbeat_timeout_seconds: int = 100) -> None:
     """`jax.distributed.initialize()`, which finds its peers on its own on TPU VMs, under
     SLURM (one task per node) and under Open MPI's mpirun.
 
     Elsewhere, every process sets JAX_COORDINATOR_ADDRESS (host:port of process 0, read by
-    JAX itself), JAX_NUM_PROCESSES and JAX_PROCESS_ID (0 on the coordinator).
+    JAX itself), JAX_NUM_PROCESSES and JAX_PROCESS_ID (0 on the coordinator). When a
+    process dies, the others fail at their next collective and exit within about
+    `heartbeat_timeout_seconds`, once the coordination service has declared it dead.
     """
     import jax
 
+    kwargs = {"heartbeat_timeout_seconds": heartbeat_timeout_seconds}
     if "JAX_NUM_PROCESSES" in os.environ:
-        jax.distributed.initialize(
-            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-            process_id=int(os.environ["JAX_PROCESS_ID"]),
-        )
-    else:
-        jax.distributed.initialize()
+        kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+        kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
 
 
 def main(argv: list[str]) -> None:
@@ -65,7 +71,7 @@ def main(argv: list[str]) -> None:
     with console.quiet_native_logs():  # TensorFlow's INFO lines as it loads
         from bkd_jax.training import loop
     if _MULTIHOST.value:
-        initialize_distributed()
+        initialize_distributed(_HEARTBEAT.value)
     import jax
 
     logging.info(

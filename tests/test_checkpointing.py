@@ -1,13 +1,13 @@
-"""Tests for bkd_jax.training.checkpointing: round trips, retention, the config guard,
-teacher weights and the preemption flag."""
+"""Tests for bkd_jax.training.checkpointing: round trips, retention, integrity records and
+the fall-back past a damaged step, teacher weights."""
 
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -120,39 +120,6 @@ def test_lower_is_better_mode(tmp_path):
     assert _saved_steps(tmp_path / "best") == [2]
 
 
-CONFIG = {"model": {"student": "resnet8x4", "teacher": "resnet32x4"}, "optim": {"lr": 0.05}}
-
-
-def test_config_guard_writes_then_accepts_same_config(tmp_path):
-    checkpointing.check_or_write_config(tmp_path, CONFIG)
-    assert json.loads((tmp_path / "config.json").read_text()) == CONFIG
-    checkpointing.check_or_write_config(tmp_path, json.loads(json.dumps(CONFIG)))
-
-
-def test_config_guard_refuses_changed_config_and_names_keys(tmp_path):
-    checkpointing.check_or_write_config(tmp_path, CONFIG)
-    written = (tmp_path / "config.json").read_text()
-    changed = {"model": {"student": "resnet8x4", "teacher": "resnet56"}, "optim": {"lr": 0.05}}
-    changed["seed"] = 1
-    with pytest.raises(ValueError) as info:
-        checkpointing.check_or_write_config(tmp_path, changed)
-    message = str(info.value)
-    assert 'model.teacher: "resnet32x4" -> "resnet56"' in message
-    assert "seed: <absent> -> 1" in message
-    assert "optim.lr" not in message and "model.student" not in message
-    assert "fresh --workdir" in message
-    assert (tmp_path / "config.json").read_text() == written
-
-
-def test_config_guard_ignores_cosmetic_keys(tmp_path):
-    checkpointing.check_or_write_config(tmp_path, {**CONFIG, "log": {"every": 10}})
-    checkpointing.check_or_write_config(
-        tmp_path, {**CONFIG, "log": {"every": 50, "tb": True}}, ignore={"log"}
-    )
-    with pytest.raises(ValueError, match=r"log\.every: 10 -> 50"):
-        checkpointing.check_or_write_config(tmp_path, {**CONFIG, "log": {"every": 50}})
-
-
 def test_save_and_load_variables_round_trip(tmp_path):
     kernel = np.arange(24.0, dtype=np.float32).reshape(2, 3, 4)
     variables = {
@@ -178,7 +145,12 @@ def test_load_variables_from_workdir_picks_best_student(tmp_path):
     ckpt.close()
     variables, metadata = checkpointing.load_variables(tmp_path)
     want = _state(2)
-    assert metadata == {"checkpoint": "best", "step": 2, "extra": {"epoch": 2}}
+    assert metadata == {
+        "checkpoint": "best",
+        "step": 2,
+        "directory": str(tmp_path / "best" / "2"),
+        "extra": {"epoch": 2},
+    }
     assert set(variables) == {"params", "batch_stats"}
     np.testing.assert_array_equal(
         variables["params"]["block1"]["kernel"], want["params"]["student"]["block1"]["kernel"]
@@ -207,19 +179,106 @@ def test_load_variables_errors(tmp_path):
         checkpointing.load_variables(tmp_path)
 
 
-def test_preemption_guard_sets_flag_and_restores_handler():
-    calls = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
-    try:
-        sentinel = signal.getsignal(signal.SIGTERM)
-        with checkpointing.PreemptionGuard() as guard:
-            assert not guard.requested and not guard.should_stop(0)
-            os.kill(os.getpid(), signal.SIGTERM)
-            assert guard.requested and guard.should_stop(1)
-        assert signal.getsignal(signal.SIGTERM) is sentinel
-        assert calls == []  # the guard, not the previous handler, got the signal
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def _record(directory: pathlib.Path) -> dict:
+    return json.loads((directory / checkpointing.INTEGRITY_FILE).read_text())
+
+
+def test_every_saved_step_carries_an_integrity_record(tmp_path):
+    ckpt = checkpointing.Checkpointer(tmp_path, save_interval_steps=1)
+    ckpt.save(1, _state(1), {"a": 1}, metrics={"eval/top1": 0.5})
+    ckpt.close()
+    for step_dir in (tmp_path / "checkpoints" / "1", tmp_path / "best" / "1"):
+        record = _record(step_dir)
+        assert "extra/metadata" in record and any(k.startswith("state/") for k in record)
+        path = step_dir / "extra" / "metadata"
+        assert record["extra/metadata"] == [path.stat().st_size, zlib.crc32(path.read_bytes())]
+        checkpointing.verify_integrity(step_dir)
+
+
+def test_partial_step_of_an_interrupted_save_is_removed(tmp_path, caplog):
+    ckpt = checkpointing.Checkpointer(tmp_path, save_interval_steps=1, best_metric=None)
+    ckpt.save(1, _state(1), {"at": 1})
+    ckpt.close()
+    partial = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "_METADATA").write_text("{")
+    with caplog.at_level("WARNING"):
+        reopened = checkpointing.Checkpointer(tmp_path, save_interval_steps=1, best_metric=None)
+    assert f"Removing {partial}: its save was interrupted." in caplog.text
+    assert not partial.exists()
+    assert reopened.restore(_state(0))[1] == {"at": 1}
+    assert reopened.save(2, _state(2), {"at": 2})
+    reopened.close()
+    assert _saved_steps(tmp_path / "checkpoints") == [1, 2]
+
+
+def _damage(path: pathlib.Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flip":
+        path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "delete"])
+def test_damaged_step_is_named_set_aside_and_the_previous_restored(tmp_path, how, caplog):
+    ckpt = checkpointing.Checkpointer(tmp_path, save_interval_steps=1, best_metric=None)
+    for step in (1, 2):
+        ckpt.save(step, _state(step), {"at": step})
+    ckpt.close()
+    step_dir = tmp_path / "checkpoints" / "2"
+    largest = max(_record(step_dir), key=lambda name: _record(step_dir)[name][0])
+    _damage(step_dir / largest, how)
+    with pytest.raises(checkpointing.CorruptCheckpointError, match=str(step_dir / largest)):
+        checkpointing.verify_integrity(step_dir)
+
+    reopened = checkpointing.Checkpointer(tmp_path, save_interval_steps=1, best_metric=None)
+    with caplog.at_level("ERROR"):
+        state, extra = reopened.restore(_state(0))
+    _assert_states_equal(state, _state(1))
+    assert extra == {"at": 1}
+    assert f"Checkpoint step 2 in {tmp_path / 'checkpoints'} is unusable" in caplog.text
+    assert str(step_dir / largest) in caplog.text
+    assert not step_dir.exists() and (tmp_path / "corrupt" / "checkpoints_2").is_dir()
+    # The step can be saved again, and the run goes on from there.
+    assert reopened.save(2, _state(22), {"at": 22}, force=True)
+    reopened.close()
+    assert _saved_steps(tmp_path / "checkpoints") == [1, 2]
+
+
+def test_damaged_json_without_record_still_falls_back(tmp_path, caplog):
+    ckpt = checkpointing.Checkpointer(tmp_path, save_interval_steps=1, best_metric=None)
+    for step in (1, 2):
+        ckpt.save(step, _state(step), {"at": step})
+    ckpt.close()
+    (tmp_path / "checkpoints" / "2" / checkpointing.INTEGRITY_FILE).unlink()
+    (tmp_path / "checkpoints" / "2" / "extra" / "metadata").write_text('{"at": ')
+    with caplog.at_level("ERROR"):
+        _, extra = checkpointing.Checkpointer(tmp_path, save_interval_steps=1).restore(_state(0))
+    assert extra == {"at": 1}
+    assert "Checkpoint step 2" in caplog.text
+
+
+def test_all_steps_unreadable_is_an_error(tmp_path):
+    ckpt = checkpointing.Checkpointer(tmp_path, save_interval_steps=1, best_metric=None)
+    ckpt.save(1, _state(1), {})
+    ckpt.close()
+    (tmp_path / "checkpoints" / "1" / "extra" / "metadata").write_text("{")
+    with pytest.raises(ValueError, match=r"None of the checkpoints .* can be read \(steps \[1\]"):
+        checkpointing.Checkpointer(tmp_path, save_interval_steps=1).restore(_state(0))
+
+
+def test_load_variables_skips_a_damaged_step(tmp_path):
+    ckpt = checkpointing.Checkpointer(tmp_path, save_interval_steps=1, best_metric=None)
+    for step in (1, 2):
+        ckpt.save(step, _state(step), {})
+    ckpt.close()
+    (tmp_path / "checkpoints" / "2" / "extra" / "metadata").write_text("{")
+    _, metadata = checkpointing.load_variables(tmp_path)
+    assert metadata["step"] == 1
+    assert (tmp_path / "checkpoints" / "2").exists()  # reading never moves anything
 
 
 _SHARDED_SCRIPT = textwrap.dedent(

@@ -1,5 +1,6 @@
 """Tests of the command line, `python -m bkd_jax.main`, in subprocesses: preemption by
-SIGTERM and an exact resume, the console output, the saved config and the locked config.
+SIGTERM, Ctrl-C (SIGINT) during the first compilation, an exact resume with every step
+logged once, the console output, the saved config and the locked config.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from bkd_jax.training import checkpointing, loop
+from bkd_jax.training import checkpointing, config_guard, loop
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Optimisation level 1 compiles faster on CPU than the default and runs these steps about as
@@ -87,6 +88,15 @@ def flat(tree) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree.leaves_with_path(tree)}
 
 
+def wait_for_text(process: subprocess.Popen, log: pathlib.Path, text: str) -> None:
+    deadline = time.monotonic() + 240
+    while text not in log.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"no {text!r} in the output: {log.read_text()[-5000:]}")
+        time.sleep(0.01)
+
+
 def wait_for_step(
     process: subprocess.Popen, log: pathlib.Path, workdir: pathlib.Path, step: int
 ) -> None:
@@ -102,12 +112,13 @@ def wait_for_step(
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    """An uninterrupted run, and a run stopped by SIGTERM then resumed by the same command."""
+    """An uninterrupted run, and a run stopped by SIGTERM, resumed and stopped by SIGINT as
+    soon as it starts compiling, then resumed to the end by the same command."""
     root = tmp_path_factory.mktemp("cli")
     config_file = root / "digits_config.py"
     config_file.write_text(CONFIG)
     uninterrupted, resumed = root / "uninterrupted", root / "resumed"
-    logs = {name: root / f"{name}.log" for name in ("reference", "first", "second")}
+    logs = {name: root / f"{name}.log" for name in ("reference", "first", "second", "third")}
     reference = start(main_command(config_file, uninterrupted, *OVERRIDES), logs["reference"])
     try:
         first = start(main_command(config_file, resumed, *OVERRIDES), logs["first"])
@@ -118,7 +129,12 @@ def runs(tmp_path_factory) -> dict:
         saved_at_stop = sorted(p.name for p in (resumed / checkpointing.LATEST_DIR).iterdir())
         had_results = (resumed / loop.RESULTS_FILE).exists()
         second = start(main_command(config_file, resumed, *OVERRIDES), logs["second"])
+        wait_for_text(second, logs["second"], " on digits (1437 train / 360 eval images)")
+        second.send_signal(signal.SIGINT)  # the train step is about to be compiled
         second_output = finish(second, logs["second"])
+        interrupted_at = max(logged_steps(resumed))
+        third = start(main_command(config_file, resumed, *OVERRIDES), logs["third"])
+        third_output = finish(third, logs["third"])
         reference_output = finish(reference, logs["reference"])
     finally:
         reference.kill()  # only matters when something above failed
@@ -127,6 +143,8 @@ def runs(tmp_path_factory) -> dict:
         "resumed": resumed,
         "first_output": first_output,
         "second_output": second_output,
+        "third_output": third_output,
+        "interrupted_at": interrupted_at,
         "reference_output": reference_output,
         "stopped_at": stopped_at,
         "saved_at_stop": saved_at_stop,
@@ -143,11 +161,21 @@ def test_sigterm_saves_a_checkpoint_and_stops_early(runs):
     assert f"Resuming from step {stop}." in runs["second_output"]
 
 
+def test_ctrl_c_during_compilation_saves_and_exits_cleanly(runs):
+    stop, interrupted = runs["stopped_at"], runs["interrupted_at"]
+    output = runs["second_output"]
+    assert "Got SIGINT: will save a checkpoint after this step and stop" in output
+    assert stop < interrupted < STEPS
+    assert f"Interrupted: saved step {interrupted}; rerun the command to resume." in output
+    assert "Fatal Python error" not in output and "Traceback" not in output
+    assert f"Resuming from step {interrupted}." in runs["third_output"]
+
+
 def test_resumed_run_matches_the_uninterrupted_one(runs):
     resumed, uninterrupted = runs["resumed"], runs["uninterrupted"]
     expected = train_losses(uninterrupted)
     assert [step for step, _ in expected] == list(range(1, STEPS + 1))
-    # Every step logged once (the resume starts right after the saved step), same losses.
+    # Every step logged once (each resume starts right after the saved step), same losses.
     assert train_losses(resumed) == expected
 
     got, got_meta = checkpointing.load_variables(resumed)
@@ -176,10 +204,14 @@ def test_console_shows_progress_and_final_accuracies_without_library_chatter(run
     assert "ce resnet8 (student 78,042 parameters) on digits (1437 train / 360 eval" in output
     assert "checkpoint_manager.py" not in output  # orbax's INFO lines are filtered out
     assert "oneDNN" not in output and "absl::InitializeLog" not in output  # TensorFlow's
+    rows = [json.loads(line) for line in (runs["uninterrupted"] / "metrics.jsonl").open()]
+    timed = [r for r in rows if "train/loss" in r]
+    assert len(timed) == STEPS
+    assert all(0 <= r["train/data_seconds_per_step"] <= r["train/seconds_per_step"] for r in timed)
 
 
 def test_resolved_config_is_saved_in_the_workdir(runs):
-    saved = json.loads((runs["uninterrupted"] / checkpointing.CONFIG_FILE).read_text())
+    saved = json.loads((runs["uninterrupted"] / config_guard.CONFIG_FILE).read_text())
     assert saved["num_train_steps"] == STEPS
     assert saved["global_batch_size"] == 16
     assert saved["dataset"]["name"] == "digits"

@@ -28,6 +28,22 @@ def test_jsonl_lines_are_exact_and_appended_across_writers(tmp_path):
     assert not (tmp_path / "tensorboard").exists()
 
 
+def test_resume_drops_the_lines_of_replayed_steps_and_a_torn_last_line(tmp_path):
+    with metric_writers.MetricWriter(tmp_path, tensorboard=False) as writer:
+        for step in (1, 2, 3, 4):
+            writer.write_scalars(step, {"train/loss": float(step)})
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 5, "train/lo')  # a line cut short by a kill
+    with metric_writers.MetricWriter(tmp_path, tensorboard=False, resume_step=2) as writer:
+        writer.write_scalars(3, {"train/loss": 30.0})
+    steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [
+        {"step": 1, "train/loss": 1.0},
+        {"step": 2, "train/loss": 2.0},
+        {"step": 3, "train/loss": 30.0},
+    ]
+
+
 def _read_events(logdir):
     """{tag: [(step, value)]} and {tag: plugin name} from the event files in `logdir`."""
     import tensorflow as tf

@@ -1,11 +1,10 @@
-"""Checkpoints, the workdir config guard, teacher weights and preemption: the one place that
-knows orbax.
+"""Checkpoints and teacher weights: the one place that knows orbax.
 
-A training workdir looks like this::
+A training workdir holds, besides its config (`config_guard`)::
 
-    workdir/config.json         the resolved config of the first run (`check_or_write_config`)
     workdir/checkpoints/<step>/ the latest `max_to_keep` checkpoints, saved on a schedule
     workdir/best/<step>/        the single best checkpoint by a metric, kept regardless of age
+    workdir/corrupt/            checkpoints found unreadable, moved aside (never deleted)
 
 Each checkpoint step holds two items: ``state``, the train-state pytree (jax arrays, sharded
 or not, typed PRNG keys included: orbax stores their key data and re-wraps them), and
@@ -13,24 +12,25 @@ or not, typed PRNG keys included: orbax stores their key data and re-wraps them)
 metric so far). Restoring onto an abstract target puts every array on the target's
 sharding, so a sharded state comes back sharded.
 
+Crash safety: orbax writes a step into a temporary directory and renames it when every
+file is written, so a process killed mid-save leaves no step that looks complete (the
+leftover is removed, and logged, at the next start). Before that rename, process 0 adds
+``integrity.json`` (size and CRC-32 of every file), so a file truncated or damaged later is
+named when the step is restored; `Checkpointer.restore` then logs it, moves the step to
+``workdir/corrupt/`` and falls back to the previous step.
+
 The student's variables inside a train state are ``state["params"]["student"]`` and
 ``state["batch_stats"]["student"]`` (a dict or any pytree whose keys or fields are named so);
 `load_variables` reads them from a workdir's best (else latest) checkpoint, or reads a
 standalone variables checkpoint written by `save_variables` (the weight converter's output).
-
-Preemption: on one host, `PreemptionGuard` turns SIGTERM into a flag the loop polls. On
-several hosts every host must stop at the same step, so it defers to JAX's preemption sync
-point (the coordination service watches SIGTERM there) and orbax, configured here with its
-preemption policy, saves at that same step.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-from collections.abc import Collection, Mapping
-from types import FrameType
+import zlib
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import jax
@@ -43,14 +43,23 @@ from orbax.checkpoint import checkpoint_managers
 
 PyTree = Any
 
-CONFIG_FILE = "config.json"
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
+CORRUPT_DIR = "corrupt"
+INTEGRITY_FILE = "integrity.json"
 STUDENT = "student"
 STUDENT_COLLECTIONS = ("params", "batch_stats")
 # Item names inside one checkpoint step (Checkpointer) or a standalone variables checkpoint.
 _STATE, _EXTRA = "state", "extra"
 _VARIABLES, _METADATA = "variables", "metadata"
+_CHUNK = 1 << 20
+_TMP_MARK = "orbax-checkpoint-tmp"  # in the name of a step directory orbax is writing
+# Not recorded: the record itself, and orbax's step metadata, which it updates after saving.
+_UNRECORDED = (INTEGRITY_FILE, "_CHECKPOINT_METADATA")
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file is missing, truncated or changed since it was written."""
 
 
 def _save_args(state: PyTree, extra: Mapping[str, Any]) -> ocp.args.Composite:
@@ -59,10 +68,130 @@ def _save_args(state: PyTree, extra: Mapping[str, Any]) -> ocp.args.Composite:
     )
 
 
+def _restore_args(abstract_state: PyTree) -> ocp.args.Composite:
+    return ocp.args.Composite(
+        **{_STATE: ocp.args.StandardRestore(abstract_state), _EXTRA: ocp.args.JsonRestore()}
+    )
+
+
 def absolute(path: str | epath.PathLike) -> epath.Path:
     """`path` made absolute (orbax requires it); URIs such as gs://... are kept as they are."""
     path = epath.Path(path)
     return path if "://" in str(path) else epath.Path(os.path.abspath(path))
+
+
+def _crc32(path: epath.Path) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _files(directory: epath.Path) -> list[epath.Path]:
+    """Every recorded file under `directory` (epath has no recursive glob)."""
+    files = []
+    for path in directory.iterdir():
+        if path.is_dir():
+            files += _files(path)
+        elif path.name not in _UNRECORDED:
+            files.append(path)
+    return sorted(files)
+
+
+def write_integrity(directory: str | epath.PathLike) -> None:
+    """Records the size and CRC-32 of the files under `directory` in its integrity.json."""
+    directory = epath.Path(directory)
+    record = {
+        str(p.relative_to(directory)): [p.stat().length, _crc32(p)] for p in _files(directory)
+    }
+    (directory / INTEGRITY_FILE).write_text(json.dumps(record, indent=0, sort_keys=True))
+
+
+def verify_integrity(directory: str | epath.PathLike) -> None:
+    """Checks every file recorded in `directory/integrity.json`; no record, no check.
+
+    Raises:
+      CorruptCheckpointError: naming the first file that is missing, has another size
+        (truncated) or another checksum (changed) than when it was written.
+    """
+    directory = epath.Path(directory)
+    record_path = directory / INTEGRITY_FILE
+    if not record_path.exists():
+        return
+    try:
+        record = json.loads(record_path.read_text())
+    except ValueError:
+        raise CorruptCheckpointError(f"{record_path}: not valid JSON") from None
+    for name, (size, crc) in sorted(record.items()):
+        path = directory / name
+        if not path.exists():
+            raise CorruptCheckpointError(f"{path}: missing")
+        if (actual := path.stat().length) != size:
+            raise CorruptCheckpointError(f"{path}: {actual} bytes, {size} when written")
+        if _crc32(path) != crc:
+            raise CorruptCheckpointError(f"{path}: contents changed since written (CRC-32)")
+
+
+def _sealer(directory: epath.Path, saving: dict[str, int]) -> Callable[[], None]:
+    """A post-finalization callback writing integrity.json into the step being saved.
+
+    Orbax calls it with every file written, before it renames the temporary directory, so
+    the record is part of the step from the moment the step exists.
+    """
+
+    def seal() -> None:
+        if jax.process_index() != 0:
+            return
+        step = saving["step"]
+        pending = list(directory.glob(f"{step}.{_TMP_MARK}*"))
+        target = pending[0] if len(pending) == 1 else directory / str(step)
+        try:
+            write_integrity(target)
+        except OSError as e:  # The checkpoint itself is fine; it is only not verifiable.
+            logging.warning("Could not write %s in %s: %s", INTEGRITY_FILE, target, e)
+
+    return seal
+
+
+def _remove_partial_steps(directory: epath.Path) -> None:
+    """Deletes the temporary directories of saves that never finished (process 0)."""
+    if jax.process_index() != 0 or not directory.is_dir():
+        return
+    for path in directory.iterdir():
+        if _TMP_MARK in path.name and path.is_dir():
+            logging.warning("Removing %s: its save was interrupted.", path)
+            path.rmtree()
+
+
+def _manager(
+    directory: epath.Path, saving: dict[str, int], **options: Any
+) -> ocp.CheckpointManager:
+    # Done here, synchronously, rather than by orbax's cleanup_tmp_directories in a
+    # background thread that would still run when the first save starts.
+    _remove_partial_steps(directory)
+    return ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(
+            async_options=ocp.AsyncOptions(post_finalization_callback=_sealer(directory, saving)),
+            # Its own barrier names: on several processes the latest and the best manager
+            # may save the same step at once, and same-named barriers would collide.
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=f"bkd_jax_{directory.name}"
+            ),
+            **options,
+        ),
+    )
+
+
+def saved_steps(directory: str | epath.PathLike) -> list[int]:
+    """The complete steps in a checkpoint directory (e.g. workdir/checkpoints), ascending."""
+    return sorted(ocp.path.step.checkpoint_steps(directory))
+
+
+def _one_line(error: BaseException, limit: int = 400) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 class Checkpointer:
@@ -91,35 +220,31 @@ class Checkpointer:
     ):
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
-        workdir = absolute(workdir)
-        policy = checkpoint_managers.AnySavePolicy(
-            [
-                checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
-                checkpoint_managers.PreemptionCheckpointingPolicy(),
-            ]
-        )
-        self._latest = ocp.CheckpointManager(
-            workdir / LATEST_DIR,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, save_decision_policy=policy
-            ),
+        self._workdir = absolute(workdir)
+        # The step of each manager's save in flight, for its `_sealer`.
+        self._saving = {LATEST_DIR: {"step": -1}, BEST_DIR: {"step": -1}}
+        self._latest = _manager(
+            self._workdir / LATEST_DIR,
+            self._saving[LATEST_DIR],
+            max_to_keep=max_to_keep,
+            save_decision_policy=checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
         )
         self._best_metric = best_metric
         self._best_sign = 1.0 if best_mode == "max" else -1.0
         self._best = None
-        self._best_value = None
         if best_metric is not None:
-            self._best = ocp.CheckpointManager(
-                workdir / BEST_DIR,
-                options=ocp.CheckpointManagerOptions(
-                    max_to_keep=1,
-                    best_fn=lambda metrics: metrics[best_metric],
-                    best_mode=best_mode,
-                ),
+            self._best = _manager(
+                self._workdir / BEST_DIR,
+                self._saving[BEST_DIR],
+                max_to_keep=1,
+                best_fn=lambda metrics: metrics[best_metric],
+                best_mode=best_mode,
             )
-            best_step = self._best.best_step()
-            if best_step is not None:
-                self._best_value = float(self._best.metrics(best_step)[best_metric])
+        self._best_value = self._saved_best_value()
+
+    def _saved_best_value(self) -> float | None:
+        step = None if self._best is None else self._best.best_step()
+        return None if step is None else float(self._best.metrics(step)[self._best_metric])
 
     @property
     def best_value(self) -> float | None:
@@ -133,6 +258,11 @@ class Checkpointer:
         """The newest saved step, latest or best, or None in a fresh workdir."""
         steps = [m.latest_step() for m in self._managers()]
         return max((s for s in steps if s is not None), default=None)
+
+    def due(self, step: int) -> bool:
+        """Whether `save(step, ...)` writes a latest checkpoint without `force`."""
+        newest = self._latest.latest_step()
+        return (newest is None or step > newest) and self._latest.should_save(step)
 
     def _improves(self, metrics: Mapping[str, Any] | None) -> bool:
         if self._best is None or metrics is None or self._best_metric not in metrics:
@@ -151,17 +281,20 @@ class Checkpointer:
     ) -> bool:
         """Saves `state` and `extra` at `step` when due; returns whether anything was saved.
 
-        A latest checkpoint is written when `step` is on the schedule, at a multi-host
-        preemption sync point, or when `force` is set, but never twice for one step. A best
-        checkpoint is written, whatever the schedule, when `metrics[best_metric]` beats every
-        earlier value.
+        A latest checkpoint is written when `step` is on the schedule or when `force` is
+        set, but never twice for one step. A best checkpoint is written, whatever the
+        schedule, when `metrics[best_metric]` beats every earlier value.
         """
         saved = False
         newest = self._latest.latest_step()
         if (newest is None or step > newest) and (force or self._latest.should_save(step)):
+            self._latest.wait_until_finished()  # one save in flight, whose step `_sealer` reads
+            self._saving[LATEST_DIR]["step"] = step
             saved = self._latest.save(step, args=_save_args(state, extra), force=True)
         if self._improves(metrics):
             value = float(metrics[self._best_metric])
+            self._best.wait_until_finished()
+            self._saving[BEST_DIR]["step"] = step
             self._best.save(
                 step, args=_save_args(state, extra), metrics={self._best_metric: value}, force=True
             )
@@ -170,7 +303,11 @@ class Checkpointer:
         return saved
 
     def restore(self, target: PyTree) -> tuple[PyTree, dict[str, Any]] | None:
-        """Restores the newest checkpoint (latest or best) as `(state, extra)`.
+        """Restores the newest usable checkpoint (latest or best) as `(state, extra)`.
+
+        A step that cannot be read (a file missing, truncated or changed, or orbax failing on
+        it) is logged as an error naming the file, moved to ``workdir/corrupt/``, and the
+        next older step is tried.
 
         Args:
           target: the state's structure: abstract (jax.ShapeDtypeStruct leaves, from
@@ -179,20 +316,55 @@ class Checkpointer:
 
         Returns:
           `(state, extra)`, or None when nothing was saved yet.
+
+        Raises:
+          ValueError: when checkpoints exist but none of them can be read.
         """
-        step = self.latest_step()
-        if step is None:
-            return None
-        manager = next(m for m in self._managers() if m.latest_step() == step)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{_STATE: ocp.args.StandardRestore(abstract), _EXTRA: ocp.args.JsonRestore()}
-            ),
+        if jax.process_count() > 1:  # every process lists the steps before any is set aside
+            multihost_utils.sync_global_devices(f"bkd_jax restore {self._workdir}")
+        candidates = sorted(
+            ((step, rank) for rank, m in enumerate(self._managers()) for step in m.all_steps()),
+            key=lambda c: (-c[0], c[1]),
         )
-        logging.info("Restored step %d from %s.", step, manager.directory)
-        return restored[_STATE], restored[_EXTRA]
+        failed = []
+        for step, rank in candidates:
+            manager = self._managers()[rank]
+            try:
+                verify_integrity(manager.directory / str(step))
+                restored = manager.restore(step, args=_restore_args(abstract))
+            except Exception as e:  # Any unreadable step falls back.
+                logging.error(
+                    "Checkpoint step %d in %s is unusable, falling back to the previous "
+                    "one: %s",
+                    step, manager.directory, _one_line(e),
+                )  # fmt: skip
+                failed.append(step)
+                self._set_aside(manager, step)
+                continue
+            logging.info("Restored step %d from %s.", step, manager.directory)
+            return restored[_STATE], restored[_EXTRA]
+        if failed:
+            raise ValueError(
+                f"None of the checkpoints in {self._workdir} can be read (steps {failed}, now "
+                f"in {self._workdir / CORRUPT_DIR}); use a fresh --workdir to start over."
+            )
+        return None
+
+    def _set_aside(self, manager: ocp.CheckpointManager, step: int) -> None:
+        """Moves an unusable step out of `manager`'s directory, so later saves may reuse it."""
+        source = manager.directory / str(step)
+        if jax.process_index() == 0 and source.exists():
+            aside = self._workdir / CORRUPT_DIR
+            aside.mkdir(parents=True, exist_ok=True)
+            name, n = f"{manager.directory.name}_{step}", 1
+            while (aside / name).exists():
+                name, n = f"{manager.directory.name}_{step}.{n}", n + 1
+            source.rename(aside / name)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"bkd_jax set aside {manager.directory} {step}")
+        manager.reload()
+        self._best_value = self._saved_best_value()
 
     def wait_until_finished(self) -> None:
         """Blocks until every asynchronous save has been written."""
@@ -203,73 +375,6 @@ class Checkpointer:
         """Waits for pending saves and releases the managers."""
         for manager in self._managers():
             manager.close()
-
-
-# ---------------------------------------------------------------------------------------
-# Config guard.
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts as {dotted.path: leaf}; an empty dict is kept as a leaf."""
-    flat = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, f"{path}."))
-        else:
-            flat[path] = value
-    return flat
-
-
-def _show(flat: Mapping[str, Any], key: str) -> str:
-    return json.dumps(flat[key]) if key in flat else "<absent>"
-
-
-def _ignored(path: str, ignore: Collection[str]) -> bool:
-    return any(path == key or path.startswith(f"{key}.") for key in ignore)
-
-
-def check_or_write_config(
-    workdir: str | epath.PathLike,
-    config: Mapping[str, Any],
-    *,
-    ignore: Collection[str] = (),
-) -> None:
-    """Refuses to resume a workdir with a different config; writes it on the first run.
-
-    The config (e.g. `ConfigDict.to_dict()`) is compared as JSON, so tuples equal lists
-    and values JSON cannot hold compare by their `str`. Process 0 writes the file; an
-    existing file is never overwritten.
-
-    Args:
-      workdir: the run's directory.
-      config: the resolved config, nested mappings of JSON-able values.
-      ignore: dotted keys (and everything under them) that may change between runs of the
-        same experiment, e.g. {"log_every_steps"}. They are still written on the first run.
-
-    Raises:
-      ValueError: when `workdir/config.json` exists and differs outside `ignore`; the
-        message lists each differing key with its old and new value.
-    """
-    path = epath.Path(workdir) / CONFIG_FILE
-    new = json.loads(json.dumps(config, default=str))
-    if not path.exists():
-        if jax.process_index() == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
-        return
-    old, new = _flatten(json.loads(path.read_text())), _flatten(new)
-    diffs = [
-        f"  {key}: {_show(old, key)} -> {_show(new, key)}"
-        for key in sorted(old.keys() | new.keys())
-        if not _ignored(key, ignore) and (key in old, old.get(key)) != (key in new, new.get(key))
-    ]
-    if diffs:
-        raise ValueError(
-            f"The config differs from the one this workdir was started with ({path}):\n"
-            + "\n".join(diffs)
-            + "\nUse a fresh --workdir for a new experiment."
-        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,39 +427,54 @@ def _load_standalone(directory: epath.Path) -> tuple[dict[str, Any], dict[str, A
     return restored[_VARIABLES], restored[_METADATA]
 
 
-def _load_student(workdir: epath.Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The student variables of a workdir's best checkpoint, else of its latest."""
-    for kind in (BEST_DIR, LATEST_DIR):
-        if not (workdir / kind).is_dir():
-            continue
-        manager = ocp.CheckpointManager(
-            workdir / kind,
-            item_handlers={
-                _STATE: ocp.PyTreeCheckpointHandler(),
-                _EXTRA: ocp.JsonCheckpointHandler(),
-            },
-            options=ocp.CheckpointManagerOptions(
-                read_only=True, save_interval_steps=0, create=False
+def read_student(step_dir: str | epath.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The student variables and the extra dict of one step, e.g. workdir/checkpoints/100.
+
+    Raises:
+      CorruptCheckpointError: when a recorded file is missing, truncated or changed.
+    """
+    step_dir = absolute(step_dir)
+    verify_integrity(step_dir)
+    handler = ocp.CompositeCheckpointHandler(
+        **{_STATE: ocp.PyTreeCheckpointHandler(), _EXTRA: ocp.JsonCheckpointHandler()}
+    )
+    with ocp.Checkpointer(handler) as checkpointer:
+        tree = checkpointer.metadata(step_dir).item_metadata[_STATE].tree
+        student = {
+            col: {STUDENT: tree[col][STUDENT]}
+            for col in STUDENT_COLLECTIONS
+            if STUDENT in tree.get(col, {})
+        }
+        restored = checkpointer.restore(
+            step_dir,
+            args=ocp.args.Composite(
+                **{_STATE: _numpy_args(student), _EXTRA: ocp.args.JsonRestore()}
             ),
         )
-        with manager:
-            step = manager.latest_step()
-            if step is None:
+    variables = {col: sub[STUDENT] for col, sub in restored[_STATE].items()}
+    return variables, restored[_EXTRA]
+
+
+def _load_student(workdir: epath.Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The student variables of a workdir's best checkpoint, else of its latest.
+
+    Reads the step directories directly (no CheckpointManager), so nothing in the workdir
+    is created or cleaned up: it may belong to a run still going, or be read-only.
+    """
+    for kind in (BEST_DIR, LATEST_DIR):
+        for step in reversed(saved_steps(workdir / kind)):
+            step_dir = workdir / kind / str(step)
+            try:
+                variables, extra = read_student(step_dir)
+            except Exception as e:  # Any unreadable step falls back.
+                logging.error("Skipping checkpoint %s: %s", step_dir, _one_line(e))
                 continue
-            tree = manager.item_metadata(step)[_STATE].tree
-            student = {
-                col: {STUDENT: tree[col][STUDENT]}
-                for col in STUDENT_COLLECTIONS
-                if STUDENT in tree.get(col, {})
+            return variables, {
+                "checkpoint": kind,
+                "step": step,
+                "directory": str(step_dir),
+                "extra": extra,
             }
-            restored = manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    **{_STATE: _numpy_args(student), _EXTRA: ocp.args.JsonRestore()}
-                ),
-            )
-        variables = {col: sub[STUDENT] for col, sub in restored[_STATE].items()}
-        return variables, {"checkpoint": kind, "step": step, "extra": restored[_EXTRA]}
     raise ValueError(f"{workdir} holds no checkpoint.")
 
 
@@ -364,8 +484,9 @@ def load_variables(path: str | epath.PathLike) -> tuple[dict[str, Any], dict[str
     Args:
       path: a directory written by `save_variables`, or a training workdir written by
         `Checkpointer`; from a workdir, the student's variables of the best checkpoint
-        (else the latest) are returned, with metadata ``{"checkpoint": "best" | "checkpoints",
-        "step": int, "extra": dict}``.
+        (else the latest; an unreadable step is logged and skipped) are returned, with
+        metadata ``{"checkpoint": "best" | "checkpoints", "step": int, "directory": str,
+        "extra": dict}``.
 
     Returns:
       `(variables, metadata)`, variables as ``{collection: tree}``.
@@ -379,59 +500,3 @@ def load_variables(path: str | epath.PathLike) -> tuple[dict[str, Any], dict[str
     if (path / _VARIABLES).is_dir():
         return _load_standalone(path)
     return _load_student(path)
-
-
-# ---------------------------------------------------------------------------------------
-# Preemption.
-
-
-class PreemptionGuard:
-    """Turns a preemption notice into a flag the training loop polls.
-
-    Use it on the main thread, around the loop::
-
-        with PreemptionGuard() as guard:
-            for step in ...:
-                ...
-                if guard.should_stop(step):
-                    checkpointer.save(step, state, extra, force=True)
-                    break
-
-    On a single host it installs a SIGTERM handler that sets `requested`, and puts back the
-    previous handler on exit. On several hosts it installs nothing: JAX's coordination
-    service already watches SIGTERM, and `should_stop` returns True on every host at the
-    same step (the preemption sync point), which requires calling it at every step.
-    """
-
-    def __init__(self):
-        self._requested = False
-        self._previous = None
-        self._installed = False
-
-    @property
-    def requested(self) -> bool:
-        """Whether this process got SIGTERM (single host)."""
-        return self._requested
-
-    def should_stop(self, step: int) -> bool:
-        """Whether to save and stop after `step`; agreed across hosts on multi-host."""
-        if jax.process_count() > 1:
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self._requested
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        del frame
-        logging.warning("Got signal %d: will save a checkpoint and stop.", signum)
-        self._requested = True
-
-    def __enter__(self) -> PreemptionGuard:
-        if jax.process_count() == 1:
-            # getsignal gives None for a handler installed outside Python; restore SIG_DFL.
-            self._previous = signal.signal(signal.SIGTERM, self._handle) or signal.SIG_DFL
-            self._installed = True
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._installed = False

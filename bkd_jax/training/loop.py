@@ -10,15 +10,25 @@ Resuming: the training stream is a pure function of (seed, step), so a checkpoin
 state (student, connectors, optimizer, step) and a few scalars in its JSON `extra` (best
 accuracy so far) is all a restart needs to continue exactly where it stopped. Checkpoints
 are written every `checkpoint_every_steps`, at every evaluation that improves the
-student's top-1 (kept apart as the best), at the end, and on SIGTERM.
+student's top-1 (kept apart as the best), at the end, and on SIGTERM or SIGINT (Ctrl-C),
+which stop the run after the step in progress. A rerun restores the newest checkpoint
+(latest or best, falling back past an unreadable one) and drops the metrics.jsonl lines of
+the steps it replays.
+
+Each step runs under `jax.transfer_guard("disallow")`: batches go to the devices and
+metrics come back only through explicit transfers. A NaN or Inf in the loss, a loss term,
+the gradients or the parameters stops the run at the step where it appeared (or, with
+``config.on_nonfinite="skip"``, that step's update is dropped and counted); no checkpoint
+ever holds a non-finite state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -32,7 +42,7 @@ from jax.sharding import Mesh
 
 from bkd_jax import distillers, models, optim, steps
 from bkd_jax.data import datasets, pipeline
-from bkd_jax.training import checkpointing, sharding
+from bkd_jax.training import checkpointing, config_guard, nonfinite, preemption, sharding
 from bkd_jax.training.metric_writers import MetricWriter
 from bkd_jax.training.progress import Progress
 from bkd_jax.training.validation import DTYPES, validate_config
@@ -43,10 +53,38 @@ RESULTS_FILE = "results.json"
 COSMETIC_KEYS = ("log_every_steps", "tensorboard", "eval_only")
 
 
-def load_model_variables(path: str, net: models.BlockNet, image_shape, what: str) -> Any:
-    """Variables from a checkpoint, checked against `net`'s structure and shapes."""
+def _held_model(path: str, metadata: dict[str, Any]) -> str | None:
+    """The zoo name of the model a checkpoint holds, when it records one."""
+    if "checkpoint" in metadata:  # a training workdir: its config names the model trained
+        return (config_guard.read_config(path) or {}).get("student")
+    return metadata.get("model")
+
+
+def _describe_source(path: str, metadata: dict[str, Any]) -> str:
+    """Which checkpoint directory and step `load_variables` read, for the log."""
+    if "checkpoint" not in metadata:
+        return f"{path} (converted from {metadata.get('source', 'an unknown source')})"
+    step, kind = metadata["step"], metadata["checkpoint"]
+    if kind != checkpointing.BEST_DIR:
+        return f"{metadata['directory']} (the latest checkpoint, step {step})"
+    saved = checkpointing.saved_steps(epath.Path(path) / checkpointing.LATEST_DIR)
+    latest = max(saved, default=None)
+    last = f"; the last is step {latest}" if latest is not None and latest != step else ""
+    return f"{metadata['directory']} (the best checkpoint by top-1, step {step}{last})"
+
+
+def load_model_variables(path: str, net: models.BlockNet, image_shape, field: str) -> Any:
+    """Variables from a checkpoint, checked against `net`'s structure and shapes.
+
+    Args:
+      path: a training workdir or a directory written by `checkpointing.save_variables`.
+      net: the model the config names for them, in `config.<field>`.
+      image_shape: one input's shape, to build `net`'s variable shapes.
+      field: the config field naming the model ("teacher" or "student"), for messages.
+    """
+    what = f"{field} checkpoint"
     try:
-        variables, _ = checkpointing.load_variables(path)
+        variables, metadata = checkpointing.load_variables(path)
     except ValueError as e:
         raise ValueError(f"{what} {path}: {e}") from None
     expected = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, *image_shape)))
@@ -59,11 +97,15 @@ def load_model_variables(path: str, net: models.BlockNet, image_shape, what: str
         for k in sorted(want.keys() & have.keys())
         if tuple(have[k]) != tuple(want[k])
     ]
+    held = _held_model(path, metadata)
+    if problems and held is not None and held != net.name:
+        raise ValueError(f"{what} {path} holds {held}, config.{field} is {net.name}")
     if problems:
         shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
         raise ValueError(
             f"{what} {path} does not match model {net.name} ({len(problems)} problems):\n  {shown}"
         )
+    logging.info("Loaded %s %s from %s.", field, net.name, _describe_source(path, metadata))
     return jax.tree.map(lambda v: np.asarray(v, np.float32), variables)
 
 
@@ -72,14 +114,16 @@ def jit_train_step(
     optimizer: optax.GradientTransformation,
     warmup: Callable[[jax.Array], jax.Array],
     mesh: Mesh,
+    on_nonfinite: str = "stop",
 ) -> Callable:
     """The train step jitted over `mesh`: batch split, state and teacher replicated.
 
-    The state argument is donated: its buffers are reused for the new state.
+    The state argument is donated: its buffers are reused for the new state. Its metrics
+    carry the finite flag of `nonfinite.guard_step` (`on_nonfinite`: "stop" or "skip").
     """
     repl = sharding.replicated(mesh)
     return jax.jit(
-        steps.make_train_step(distiller, optimizer, warmup),
+        nonfinite.guard_step(steps.make_train_step(distiller, optimizer, warmup), on_nonfinite),
         in_shardings=(repl, repl, sharding.batch_sharded(mesh)),
         out_shardings=(repl, repl),
         donate_argnums=0,
@@ -96,11 +140,19 @@ def jit_eval_step(distiller: distillers.Distiller, mesh: Mesh) -> Callable:
     )
 
 
+def to_devices(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """This process's rows of a batch as global arrays: the one explicit host-to-device
+    transfer of the loop, allowed under its transfer guard (on several processes JAX
+    assembles the array through a transfer the guard would otherwise refuse)."""
+    with jax.transfer_guard("allow"):
+        return sharding.global_batch(local, mesh)
+
+
 def evaluate(eval_step, state, teacher_vars, config, mesh) -> dict[str, float]:
     """Top-1/top-5 of every evaluated model over the whole eval split."""
     sums = None
     for local in pipeline.eval_batches(config.dataset, global_batch_size=config.eval_batch_size):
-        out = eval_step(state, teacher_vars, sharding.global_batch(local, mesh))
+        out = eval_step(state, teacher_vars, to_devices(local, mesh))
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = jax.device_get(sums)
     count = float(sums.pop("count"))
@@ -148,14 +200,12 @@ def _set_up(config: ml_collections.ConfigDict) -> _Setup:
     if method.needs_teacher:
         teacher = models.get_model(config.teacher, info.num_classes, dtype)
         teacher_vars = jax.device_put(
-            load_model_variables(
-                config.teacher_checkpoint, teacher, info.image_shape, "teacher checkpoint"
-            ),
+            load_model_variables(config.teacher_checkpoint, teacher, info.image_shape, "teacher"),
             sharding.replicated(mesh),
         )
     if config.student_checkpoint:
         student_init = load_model_variables(
-            config.student_checkpoint, student, info.image_shape, "student checkpoint"
+            config.student_checkpoint, student, info.image_shape, "student"
         )
     total_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
     return _Setup(
@@ -202,12 +252,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     The summary (also written to `workdir/results.json` once the run is complete) holds
     "steps" done, "total_steps", and the "best" (by student top-1) and "last" evaluations;
-    with `config.eval_only`, just "eval". A preempted run returns early without results.
+    with `config.eval_only`, just "eval". A run stopped by SIGTERM or SIGINT returns early
+    without results, after saving its last step.
+
+    Raises:
+      FloatingPointError: with `config.on_nonfinite="stop"`, at the first non-finite step.
     """
+    # Installed first, so that a signal during set-up or compilation is held, not raised.
+    with preemption.PreemptionGuard() as guard:
+        return _run(config, epath.Path(workdir), guard)
+
+
+def _run(
+    config: ml_collections.ConfigDict, workdir: epath.Path, guard: preemption.PreemptionGuard
+) -> dict[str, Any]:
     setup = _set_up(config)
-    workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpointing.check_or_write_config(workdir, config.to_dict(), ignore=COSMETIC_KEYS)
+    config_guard.check_or_write_config(workdir, config.to_dict(), ignore=COSMETIC_KEYS)
 
     state = _initial_state(setup, config.seed)
     checkpointer = checkpointing.Checkpointer(
@@ -216,35 +277,85 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         max_to_keep=config.keep_checkpoints,
         best_metric=BEST_METRIC,
     )
-    history: list[dict[str, float]] = []
-    restored = checkpointer.restore(state)
-    if restored is not None:
-        state, extra = restored
-        history = extra.get("history", [])
-        logging.info("Resuming from step %d.", int(state.step))
+    try:
+        extra = {"history": [], "skipped_steps": 0}
+        restored = checkpointer.restore(state)
+        if restored is not None:
+            state, saved_extra = restored
+            extra.update(saved_extra)
+            logging.info("Resuming from step %d.", int(state.step))
+        eval_step = jit_eval_step(setup.distiller, setup.mesh)
+        if config.eval_only:
+            with MetricWriter(workdir, tensorboard=config.tensorboard) as writer:
+                metrics = evaluate(eval_step, state, setup.teacher_vars, config, setup.mesh)
+                writer.write_scalars(int(state.step), metrics)
+            summary = {"eval": metrics}
+            _write_results(workdir, summary)
+            logging.info("Evaluation: %s", json.dumps(metrics, indent=1))
+            return summary
 
-    eval_step = jit_eval_step(setup.distiller, setup.mesh)
-    writer = MetricWriter(workdir, tensorboard=config.tensorboard)
-    if config.eval_only:
-        metrics = evaluate(eval_step, state, setup.teacher_vars, config, setup.mesh)
-        writer.write_scalars(int(state.step), metrics)
-        writer.close()
+        start = int(state.step)
+        if guard.should_stop(start):  # a signal during set-up: not worth compiling the step
+            logging.warning("Stopped before step %d; nothing new to save.", start + 1)
+            return {"steps": start, "total_steps": setup.total_steps}
+        _log_start(config, setup, state)
+        writer = MetricWriter(workdir, tensorboard=config.tensorboard, resume_step=int(state.step))
+        with writer, _explain_peer_failure():
+            step = _train(config, setup, state, eval_step, checkpointer, writer, extra, guard)
+        checkpointer.wait_until_finished()
+    finally:
         checkpointer.close()
-        summary = {"eval": metrics}
-        _write_results(workdir, summary)
-        logging.info("Evaluation: %s", json.dumps(metrics, indent=1))
-        return summary
-
-    _log_start(config, setup, state)
-    step = _train(config, setup, state, eval_step, checkpointer, writer, history)
-    checkpointer.wait_until_finished()
-    checkpointer.close()
-    writer.close()
-    summary = {"steps": step, "total_steps": setup.total_steps, **_summary(history)}
+    summary = {"steps": step, "total_steps": setup.total_steps, **_summary(extra["history"])}
     if step == setup.total_steps:
         _write_results(workdir, summary)
         _log_summary(summary, workdir)
     return summary
+
+
+@contextlib.contextmanager
+def _explain_peer_failure() -> Iterator[None]:
+    """On several processes, says why a computation failed when a peer died mid-run."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        raise RuntimeError(
+            f"process {jax.process_index()} of {jax.process_count()}: a computation across "
+            "processes failed, most likely because another process died (see its log); "
+            f"stopping. {str(e).splitlines()[0]}"
+        ) from e
+
+
+def _check_finite(
+    pending: list[tuple[int, dict[str, jax.Array]]],
+    config: ml_collections.ConfigDict,
+    checkpointer: checkpointing.Checkpointer,
+    extra: dict[str, Any],
+) -> list[tuple[int, dict[str, float]]]:
+    """Fetches the metrics of the steps not checked yet and acts on non-finite ones.
+
+    Returns the fetched `(step, metrics)` and empties `pending`; counts skipped steps in
+    `extra["skipped_steps"]`.
+
+    Raises:
+      FloatingPointError: in "stop" mode, naming the first non-finite step and terms.
+    """
+    fetched = jax.device_get(pending)
+    pending.clear()
+    bad = nonfinite.find(fetched)
+    if bad and config.on_nonfinite == "stop":
+        step, names = bad[0]
+        latest = checkpointer.latest_step()
+        kept = "no checkpoint was written" if latest is None else f"checkpoint step {latest}"
+        raise FloatingPointError(
+            f"step {step}: non-finite {', '.join(names)}; stopped. The last finite state is "
+            f"{kept}. config.on_nonfinite='skip' drops such updates instead."
+        )
+    for step, names in bad:
+        logging.warning("Step %d: non-finite %s; its update was skipped.", step, ", ".join(names))
+    extra["skipped_steps"] += len(bad)
+    return fetched
 
 
 def _train(
@@ -254,18 +365,21 @@ def _train(
     eval_step: Callable,
     checkpointer: checkpointing.Checkpointer,
     writer: MetricWriter,
-    history: list[dict[str, float]],
+    extra: dict[str, Any],
+    guard: preemption.PreemptionGuard,
 ) -> int:
-    """Steps from `state.step` to the end or a preemption; returns the last step done.
+    """Steps from `state.step` to the end or a stop request; returns the last step done.
 
-    Appends every evaluation to `history`, which each checkpoint carries.
+    Appends every evaluation to `extra["history"]`; each checkpoint carries `extra`.
     """
     warmup = functools.partial(
         distillers.warmup_factor,
         steps_per_epoch=setup.steps_per_epoch,
         warmup_epochs=setup.distiller.warmup_epochs,
     )
-    train_step = jit_train_step(setup.distiller, setup.optimizer, warmup, setup.mesh)
+    train_step = jit_train_step(
+        setup.distiller, setup.optimizer, warmup, setup.mesh, config.on_nonfinite
+    )
     start = step = int(state.step)
     batches = pipeline.train_batches(
         config.dataset,
@@ -276,32 +390,42 @@ def _train(
     total, per_epoch = setup.total_steps, setup.steps_per_epoch
     eval_every = max(1, int(config.eval_every_epochs * per_epoch))
     progress = Progress(total, images_per_step=config.global_batch_size, initial_step=start)
-    with checkpointing.PreemptionGuard() as guard:
-        last_log = time.monotonic()
-        for step in range(start + 1, total + 1):
-            batch = sharding.global_batch(next(batches), setup.mesh)
+    pending: list[tuple[int, dict[str, jax.Array]]] = []  # metrics not checked yet
+    last_log, last_log_step, data_seconds = time.monotonic(), start, 0.0
+    for step in range(start + 1, total + 1):
+        waited = time.monotonic()
+        local = next(batches)
+        with jax.transfer_guard("disallow"):
+            batch = to_devices(local, setup.mesh)
+            data_seconds += time.monotonic() - waited
             state, train_metrics = train_step(state, setup.teacher_vars, batch)
-            scalars = None
-            if step % config.log_every_steps == 0 or step == total:
-                now = time.monotonic()
-                scalars = {f"train/{k}": float(v) for k, v in jax.device_get(train_metrics).items()}
+            pending.append((step, train_metrics))
+            logs = step % config.log_every_steps == 0 or step == total
+            evaluates = step % eval_every == 0 or step == total
+            stop = guard.should_stop(step)
+            if logs or evaluates or stop or checkpointer.due(step):
+                fetched = _check_finite(pending, config, checkpointer, extra)
+            scalars = eval_metrics = None
+            if logs:
+                now, interval = time.monotonic(), step - last_log_step
+                scalars = {f"train/{k}": float(v) for k, v in fetched[-1][1].items()}
+                del scalars[f"train/{nonfinite.FINITE}"]
+                if config.on_nonfinite == "skip":
+                    scalars["train/skipped_steps"] = extra["skipped_steps"]
                 scalars["train/epoch"] = step / per_epoch
-                scalars["train/seconds_per_step"] = (now - last_log) / config.log_every_steps
-                last_log = now
+                scalars["train/seconds_per_step"] = (now - last_log) / interval
+                scalars["train/data_seconds_per_step"] = data_seconds / interval
+                last_log, last_log_step, data_seconds = now, step, 0.0
                 writer.write_scalars(step, scalars)
-            eval_metrics = None
-            if step % eval_every == 0 or step == total:
+            if evaluates:
                 eval_metrics = evaluate(eval_step, state, setup.teacher_vars, config, setup.mesh)
-                history.append({"step": step, "epoch": step / per_epoch, **eval_metrics})
+                extra["history"].append({"step": step, "epoch": step / per_epoch, **eval_metrics})
                 writer.write_scalars(step, eval_metrics)
             progress.update(step, _short(scalars, eval_metrics))
-            stop = guard.should_stop(step)
-            checkpointer.save(
-                step, state, {"history": history}, metrics=eval_metrics, force=stop or step == total
-            )
-            if stop:
-                logging.warning("Preempted: saved step %d; rerun the command to resume.", step)
-                break
+            checkpointer.save(step, state, extra, metrics=eval_metrics, force=stop or step == total)
+        if stop:
+            logging.warning("%s: saved step %d; rerun the command to resume.", guard.reason, step)
+            break
     progress.close()
     return step
 

@@ -2,13 +2,13 @@
 
 `workdir/metrics.jsonl` holds one ``{"step": step, **scalars}`` object per line, flushed at
 once, so a crashed or preempted run keeps every line it logged and any tool can read it. A
-resumed run appends; steps logged after the last checkpoint appear twice, and readers keep
-the last line of a step. `workdir/tensorboard/` holds the same scalars as TensorBoard
-events. TensorFlow is imported only when a TensorBoard writer is made, so importing this
-module stays light. With a Weights & Biases project (the `wandb_project` argument or
-wandb's own WANDB_PROJECT variable) and `wandb` installed, the scalars also go to a W&B
-run, one per workdir, continued when the workdir resumes. On processes other than 0
-every method does nothing.
+resumed run first drops the lines of steps after the one it resumed from (they are about
+to be replayed), then appends, so every step appears once. `workdir/tensorboard/` holds
+the same scalars as TensorBoard events. TensorFlow is imported only when a TensorBoard
+writer is made, so importing this module stays light. With a Weights & Biases project (the
+`wandb_project` argument or wandb's own WANDB_PROJECT variable) and `wandb` installed, the
+scalars also go to a W&B run, one per workdir, continued when the workdir resumes. On
+processes other than 0 every method does nothing.
 """
 
 from __future__ import annotations
@@ -46,8 +46,17 @@ class _Backend(Protocol):
 class _JsonLinesWriter:
     """Appends one JSON object per `write_scalars` call; texts are TensorBoard's only."""
 
-    def __init__(self, path: epath.Path):
+    def __init__(self, path: epath.Path, resume_step: int | None):
         path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and path.exists():
+            kept = [
+                line
+                for line in path.read_text().splitlines(keepends=True)
+                if line.endswith("\n") and json.loads(line)["step"] <= resume_step
+            ]
+            partial = path.parent / f"{path.name}.tmp"
+            partial.write_text("".join(kept))
+            partial.replace(path)
         self._file = path.open("a")
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -143,6 +152,8 @@ class MetricWriter:
       tensorboard: also write TensorBoard events under `workdir/tensorboard`.
       wandb_project: also log to this Weights & Biases project when `wandb` is installed;
         None: the WANDB_PROJECT environment variable, if set.
+      resume_step: the step a run resumes from (0 for a fresh one): lines of later steps
+        are dropped from metrics.jsonl. None keeps every line.
     """
 
     def __init__(
@@ -151,11 +162,12 @@ class MetricWriter:
         *,
         tensorboard: bool = True,
         wandb_project: str | None = None,
+        resume_step: int | None = None,
     ):
         workdir = epath.Path(workdir)
         self._backends: list[_Backend] = []
         if jax.process_index() == 0:
-            self._backends.append(_JsonLinesWriter(workdir / METRICS_FILE))
+            self._backends.append(_JsonLinesWriter(workdir / METRICS_FILE, resume_step))
             if tensorboard:
                 self._backends.append(_TensorBoardWriter(workdir / TENSORBOARD_DIR))
             project = wandb_project or os.environ.get("WANDB_PROJECT")

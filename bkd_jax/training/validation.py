@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from bkd_jax import distillers, models, optim
+from bkd_jax.training import nonfinite
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -37,3 +38,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for field in ("global_batch_size", "eval_batch_size", "log_every_steps"):
         if config[field] < 1:
             raise ValueError(f"config.{field} must be positive, got {config[field]}")
+    if config.on_nonfinite not in nonfinite.MODES:
+        raise ValueError(
+            f"config.on_nonfinite must be one of {nonfinite.MODES}, got {config.on_nonfinite!r}"
+        )

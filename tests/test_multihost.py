@@ -1,0 +1,199 @@
+"""The real multi-process trainer: `python -m bkd_jax.main --multihost` as 2 processes on
+localhost (2 CPU devices each, gloo collectives), against 1 process with 4 devices.
+
+One distillation run is stopped by SIGTERM to both processes (they must agree on the step
+and both save it), resumed, crashed by SIGKILL to one process (the other must exit with an
+error within the heartbeat timeout instead of hanging), and resumed to the end. Every
+step's loss and the final parameters must equal the single-process run's: the data stream
+is a function of (seed, step) alone, whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bkd_jax import models
+from bkd_jax.training import checkpointing
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 30
+HEARTBEAT_SECONDS = 10  # --heartbeat_timeout_seconds: the bound on noticing a dead process
+CONFIG = """
+from bkd_jax.config_defaults import base_config
+
+
+def get_config():
+    return base_config("digits", teacher="resnet8", student="resnet8", method="kd")
+"""
+FLAGS = [
+    f"--config.num_train_steps={STEPS}",
+    "--config.global_batch_size=16",
+    "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=5",
+    "--config.eval_every_epochs=100",  # one evaluation, at the end
+    "--config.tensorboard=False",
+    f"--heartbeat_timeout_seconds={HEARTBEAT_SECONDS}",
+]
+
+
+def _env(devices: int, cache: pathlib.Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        # The three two-process runs compile the same programs: the later ones load them.
+        "JAX_COMPILATION_CACHE_DIR": str(cache),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
+        "--xla_backend_optimization_level=1",
+        "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+        "PYTHONPATH": str(REPO),
+        **extra,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Run:
+    """`python -m bkd_jax.main` as `processes` processes, each logging to its own file."""
+
+    def __init__(self, root: pathlib.Path, name: str, processes: int, devices: int, *flags):
+        self.workdir, self.logs, self.procs = root / "workdir", [], []
+        port = _free_port()
+        command = [
+            sys.executable, "-m", "bkd_jax.main", f"--config={root / 'config.py'}",
+            f"--workdir={self.workdir}", f"--config.teacher_checkpoint={root / 'teacher'}",
+            *FLAGS, *flags,
+        ]  # fmt: skip
+        for index in range(processes):
+            multi = {
+                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                "JAX_NUM_PROCESSES": str(processes),
+                "JAX_PROCESS_ID": str(index),
+            }
+            log = root / f"{name}.{index}.log"
+            with log.open("w") as out:
+                self.procs.append(
+                    subprocess.Popen(
+                        command + (["--multihost"] if processes > 1 else []),
+                        cwd=REPO,
+                        env=_env(devices, root / "jax_cache", **(multi if processes > 1 else {})),
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+            self.logs.append(log)
+
+    def output(self, index: int = 0) -> str:
+        return self.logs[index].read_text()
+
+    def wait(self, timeout: float = 300) -> list[int]:
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        return [proc.returncode for proc in self.procs]
+
+    def wait_for_step(self, step: int) -> None:
+        deadline = time.monotonic() + 240
+        while max(_logged(self.workdir), default=0) < step:
+            if any(p.poll() is not None for p in self.procs):
+                pytest.fail(f"a process ended before step {step}:\n{self.output()[-4000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no step {step} after 240 s:\n{self.output()[-4000:]}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def _logged(workdir: pathlib.Path) -> list[int]:
+    path = workdir / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
+    return [json.loads(line)["step"] for line in lines if "train/loss" in line]
+
+
+def _losses(workdir: pathlib.Path) -> dict[int, float]:
+    rows = map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def _final_student(workdir: pathlib.Path) -> dict[str, np.ndarray]:
+    variables, _ = checkpointing.read_student(workdir / checkpointing.LATEST_DIR / str(STEPS))
+    return {jax.tree_util.keystr(p): v for p, v in jax.tree.leaves_with_path(variables)}
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory) -> dict[str, pathlib.Path]:
+    """A config file and a (randomly initialised) resnet8 teacher in two run folders."""
+    net = models.get_model("resnet8", 10)
+    teacher = jax.tree.map(
+        np.asarray, net.init(jax.random.key(1), jnp.zeros((1, 8, 8, 3), jnp.float32))
+    )
+    roots = {}
+    for name in ("one_process", "two_processes"):
+        root = tmp_path_factory.mktemp(name)
+        (root / "config.py").write_text(CONFIG)
+        checkpointing.save_variables(root / "teacher", teacher, {"model": "resnet8"})
+        roots[name] = root
+    return roots
+
+
+def test_two_processes_preempted_crashed_and_resumed_match_one_process(roots):
+    reference = _Run(roots["one_process"], "reference", processes=1, devices=4)
+    root = roots["two_processes"]
+    runs = []
+    try:
+        # 1. SIGTERM to both: they agree on one step, both save it and exit cleanly.
+        runs.append(_Run(root, "first", processes=2, devices=2))
+        runs[-1].wait_for_step(3)
+        for proc in runs[-1].procs:
+            proc.send_signal(signal.SIGTERM)
+        assert runs[-1].wait() == [0, 0], runs[-1].output()[-4000:]
+        stopped = max(_logged(root / "workdir"))
+        for index in (0, 1):
+            assert f"Preempted: saved step {stopped}; rerun" in runs[-1].output(index)
+        assert checkpointing.saved_steps(root / "workdir" / "checkpoints")[-1] == stopped
+
+        # 2. Resumed, then one process killed: the other stops with an error, in bounded time.
+        runs.append(_Run(root, "second", processes=2, devices=2))
+        runs[-1].wait_for_step(stopped + 6)
+        assert f"Resuming from step {stopped}." in runs[-1].output(0)
+        runs[-1].procs[1].kill()
+        killed_at = time.monotonic()
+        runs[-1].procs[0].wait(timeout=HEARTBEAT_SECONDS + 60)
+        assert time.monotonic() - killed_at < HEARTBEAT_SECONDS + 60
+        assert runs[-1].procs[0].returncode != 0
+        assert "most likely because another process died" in runs[-1].output(0)
+
+        # 3. Resumed to the end.
+        runs.append(_Run(root, "third", processes=2, devices=2))
+        assert runs[-1].wait() == [0, 0], runs[-1].output()[-4000:]
+        assert reference.wait() == [0], reference.output()[-4000:]
+    finally:
+        for run in [reference, *runs]:
+            run.kill()
+
+    got, want = _losses(root / "workdir"), _losses(roots["one_process"] / "workdir")
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=0, atol=1e-5)
+    got, want = (_final_student(r / "workdir") for r in (root, roots["one_process"]))
+    assert got.keys() == want.keys() and len(want) > 10
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-5, err_msg=key)
