@@ -50,6 +50,8 @@ PAIR_KNOBS = {
         m: {pair: {"distill": {m: {"dkd": {"beta": b}}}} for pair, b in _DKD_BETA.items()}
         for m in ("blockkd", "blockkd_lite")
     },
+    # OFD.LOSS.FEAT_WEIGHT of mdistiller configs/imagenet/r50_mv1/ofd.yaml (r34_r18 has none).
+    "ofd": {PAIRS[1]: {"distill": {"ofd": {"feat_weight": 0.0001}}}},
 }
 
 

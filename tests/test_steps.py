@@ -16,6 +16,9 @@ from bkd_jax import config_defaults, distillers, losses, models, steps
 
 NUM_CLASSES = 10
 SHAPE = (16, 8, 8, 3)  # 16 of scikit-learn's 8x8 digits, grey repeated to 3 channels
+# FitNet's regressor ends in BatchNorm and ReLU, so only that BatchNorm's scale and shift
+# can reach the teacher's (unnormalised) channel statistics, 3e-3 a step with Adam.
+LEARNING_RATE = {"fitnet": 1e-2}
 
 
 def distill_config(method: str, **overrides) -> ml_collections.ConfigDict:
@@ -40,7 +43,7 @@ def build(method: str, **overrides):
     distiller = distillers.make_distiller(
         distill_config(method, **overrides), student, teacher, SHAPE
     )
-    optimizer = optax.adam(3e-3)
+    optimizer = optax.adam(LEARNING_RATE.get(method, 3e-3))
     state = steps.create_train_state(distiller, optimizer, jax.random.key(3), batch["image"])
     return distiller, optimizer, state, teacher_vars, batch
 
@@ -48,9 +51,9 @@ def build(method: str, **overrides):
 @pytest.mark.parametrize("method", distillers.available())
 def test_thirty_steps_halve_the_loss_and_leave_the_teacher_untouched(method):
     distiller, optimizer, state, teacher_vars, batch = build(method)
-    stones = distiller.modules.stones if distiller.modules else ()
-    connectors = {f"connector{i}" for i in stones}
-    assert set(state.params["modules"]) == connectors  # only Block-KD has connectors
+    connectors = {f"connector{i}" for i in getattr(distiller.modules, "stones", ())}
+    own = {name for name in state.params["modules"] if name.startswith("connector")}
+    assert own == connectors  # only Block-KD has connectors
     teacher_before = jax.tree.map(np.array, teacher_vars)
     step = jax.jit(steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(1.0)))
     first_stats = state.batch_stats

@@ -138,10 +138,29 @@ def make_distiller(
 
 
 # The built-in methods. Block-KD comes last: its knobs list every registered distance.
-from bkd_jax.distillers import blockkd, ce, dist, dkd, dot, kd, wttm  # noqa: E402
+from bkd_jax.distillers import (  # noqa: E402
+    at,
+    blockkd,
+    ce,
+    dist,
+    dkd,
+    dot,
+    fitnet,
+    kd,
+    kdsvd,
+    nst,
+    ofd,
+    pkt,
+    rkd,
+    sp,
+    vid,
+    wttm,
+)
 
 for _method in (
     ce.METHOD, kd.METHOD, dkd.METHOD, dot.METHOD, dist.METHOD, wttm.METHOD,
+    fitnet.METHOD, at.METHOD, nst.METHOD, pkt.METHOD, kdsvd.METHOD, rkd.METHOD, sp.METHOD,
+    vid.METHOD, ofd.METHOD,
     blockkd.BLOCKKD, blockkd.BLOCKKD_LITE,
 ):  # fmt: skip
     register(_method)
