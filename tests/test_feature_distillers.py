@@ -242,3 +242,25 @@ def test_bad_knobs_are_rejected(method, knob, value, message):
     cfg = distill_config(method, **{knob: value})
     with pytest.raises(ValueError, match=message):
         distillers.make_distiller(cfg, student, teacher, (16, 8, 8, 3))
+
+
+def test_blockkd_with_a_feature_loss_adds_its_term_and_trains_its_modules():
+    """Block-KD plus AT (no modules) and plus FitNet (its hint regressor beside the stones)."""
+    _, _, state, teacher_vars, batch = build("blockkd")
+    for feature, weight in (("at", 0.5), ("fitnet", 1.0)):
+        combined, _, c_state, _, _ = build("blockkd", feature_method=feature, feature_weight=weight)
+        assert set(c_state.params["modules"]) == (
+            {"stones", "feature"} if feature == "fitnet" else set(state.params["modules"])
+        )
+        loss, _ = combined.loss(
+            c_state.variables("student"), c_state.variables("modules"), teacher_vars,
+            batch, jnp.float32(1.0),
+        )  # fmt: skip
+        term = loss.metrics[f"feature/{feature}"]
+        knobs = distillers.get(feature).knobs()
+        blockkd_only = loss.metrics["task"] + loss.metrics["distill"] + loss.metrics["cross"]
+        np.testing.assert_allclose(
+            loss.total, blockkd_only + weight * knobs["feat_weight"] * term, rtol=1e-5
+        )
+    with pytest.raises(ValueError, match="feature_method='kd' is not a feature method"):
+        build("blockkd", feature_method="kd")

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from bkd_jax import losses
 from bkd_jax.blocknet import BlockNet, Taps, Variables, apply_part, with_part
 from bkd_jax.distillers.base import Forward, Loss, Method, Objective, Pair, Recipe
-from bkd_jax.losses.feature import _adaptive_avg_pool
+from bkd_jax.losses.feature import adaptive_avg_pool
 
 # PyTorch's default initialisation of `nn.Conv2d` (kaiming_uniform with a = sqrt(5)):
 # U(-1/sqrt(fan_in), 1/sqrt(fan_in)); mdistiller leaves FitNet's and VID's modules at it.
@@ -83,7 +83,7 @@ def last_stages(student: Sequence[Any], teacher: Sequence[Any]) -> tuple[tuple, 
 
 def pool_to(x: jax.Array, hw: Sequence[int]) -> jax.Array:
     """`x` (NHWC) average-pooled to spatial size `hw` with PyTorch's adaptive windows."""
-    return _adaptive_avg_pool(x, tuple(hw))
+    return adaptive_avg_pool(x, tuple(hw))
 
 
 def pool_to_smaller(fs: jax.Array, ft: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -150,7 +150,7 @@ def _pool_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m
 
 
-def _adaptive_avg_pool(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
+def adaptive_avg_pool(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
     """PyTorch's adaptive_avg_pool2d on an NHWC map."""
     if x.shape[1:3] == tuple(out_hw):
         return x
@@ -161,9 +161,9 @@ def _adaptive_avg_pool(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
 def _pool_to_smaller(fs: jax.Array, ft: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Pools whichever map has the larger height to the other's spatial size (AT, NST)."""
     if fs.shape[1] > ft.shape[1]:
-        fs = _adaptive_avg_pool(fs, ft.shape[1:3])
+        fs = adaptive_avg_pool(fs, ft.shape[1:3])
     elif fs.shape[1] < ft.shape[1]:
-        ft = _adaptive_avg_pool(ft, fs.shape[1:3])
+        ft = adaptive_avg_pool(ft, fs.shape[1:3])
     return fs, ft
 
 
@@ -408,7 +408,7 @@ def ofd_loss(student_feat: jax.Array, teacher_feat: jax.Array, margin: jax.Array
             f"{what}: margin must be ({student_feat.shape[3]},), got {jnp.shape(margin)}."
         )
     s, m = _f32(student_feat), jax.lax.stop_gradient(_f32(margin))
-    t = _adaptive_avg_pool(_teacher(teacher_feat), s.shape[1:3])
+    t = adaptive_avg_pool(_teacher(teacher_feat), s.shape[1:3])
     loss = (
         jnp.square(s - m) * ((s > m) & (t <= m))
         + jnp.square(s - t) * ((s > t) & (t > m) & (t <= 0))
@@ -429,8 +429,8 @@ def hcl_loss(student_feats: Sequence[jax.Array], teacher_feats: Sequence[jax.Arr
             if level >= fs.shape[1]:
                 continue
             weight /= 2.0
-            pooled_s = _adaptive_avg_pool(fs, (level, level))
-            pooled_t = _adaptive_avg_pool(ft, (level, level))
+            pooled_s = adaptive_avg_pool(fs, (level, level))
+            pooled_t = adaptive_avg_pool(ft, (level, level))
             loss += weight * jnp.mean(jnp.square(pooled_s - pooled_t))
             weights += weight
         total += loss / weights
@@ -470,7 +470,7 @@ def vid_loss(
             f"{jnp.shape(log_scale_param)}."
         )
     mu = _f32(pred_mean)
-    t = _adaptive_avg_pool(_teacher(teacher_feat), mu.shape[1:3])
+    t = adaptive_avg_pool(_teacher(teacher_feat), mu.shape[1:3])
     var = jax.nn.softplus(_f32(log_scale_param)) + eps
     return jnp.mean(0.5 * (jnp.square(mu - t) / var + jnp.log(var)))
 
