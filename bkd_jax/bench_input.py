@@ -122,14 +122,14 @@ def fused_crop_batches(root: pathlib.Path, size: int) -> Iterator:
 def rows(workdir: pathlib.Path, tarball: pathlib.Path | None, count: int) -> list[tuple]:
     """(data, transform, images/s, images per core-s) of every measured pipeline."""
     cifar, large = workdir / "cifar", workdir / "large"
+    # Enough for the warm-up and timed batches within one epoch (or eval pass).
+    per_split = _BATCH * (count + 1)
     if tarball is not None and tarball.is_file():
         extract_cifar(tarball, cifar)
         cifar_name = "CIFAR-10 JPEG 32x32"
     else:
-        write_jpegs(cifar, (32, 32), {"train": 2560, "test": 640}, seed=0)
+        write_jpegs(cifar, (32, 32), {"train": per_split, "test": per_split}, seed=0)
         cifar_name = "generated JPEG 32x32"
-    # Enough for the warm-up and timed batches within one epoch (or eval pass).
-    per_split = _BATCH * (count + 1)
     write_jpegs(large, _LARGE_SHAPE, {"train": per_split, "test": per_split}, seed=1)
     large_name = f"generated JPEG {_LARGE_SHAPE[1]}x{_LARGE_SHAPE[0]}"
 

@@ -32,7 +32,7 @@ CIFAR_SPECS = {  # name: (depth, (stem, stage 1, stage 2, stage 3 channels))
     "resnet8x4": (8, (32, 64, 128, 256)),
     "resnet32x4": (32, (32, 64, 128, 256)),
 }
-IMAGENET_UNITS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+IMAGENET_UNITS = {"imagenet_resnet18": (2, 2, 2, 2), "imagenet_resnet34": (3, 4, 6, 3)}
 METHODS = ("ce", "kd", "dkd", "blockkd", "blockkd_lite")
 
 
