@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import math
 import os
 import pathlib
 import platform
@@ -215,8 +216,10 @@ class Bench:
         )  # fmt: skip
 
     def mesh(self, v: Variant) -> jax.sharding.Mesh:
+        """`v.devices` devices, or as many of all as split the batch evenly."""
         devices = jax.devices()
-        mesh = sharding.make_mesh(devices[: v.devices] if v.devices else devices)
+        count = v.devices or math.gcd(len(devices), v.batch_size)
+        mesh = sharding.make_mesh(devices[:count])
         sharding.check_batch_size(v.batch_size, mesh)
         return mesh
 
