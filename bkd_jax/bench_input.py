@@ -11,9 +11,11 @@ step to feed:
   otherwise generated 32x32 images.
 - ImageNet size: generated 500x375 JPEGs (about the mean ImageNet train image), the
   random-resized crop to 224 for training and the resize / centre crop for evaluation.
-  A last row decodes with `tf.image.decode_and_crop_jpeg` (only the crop window of the
+  A further row decodes with `tf.image.decode_and_crop_jpeg` (only the crop window of the
   JPEG is decoded), on the same files and crop distribution, to show what a fused decode
   would buy over decoding the whole image first.
+- When grain and PIL are installed, the CIFAR pad-crop-flip once more through grain's
+  `MapDataset` with numpy augmentations, as a TensorFlow-free loader.
 
 "images / core-s" is images over the process CPU time (all of tf.data's threads), the
 rate one fully used host core sustains; it is steady on a loaded machine where the wall
@@ -22,6 +24,7 @@ rate is not. A GPU step of R images/s needs about R / rate host cores.
 
 from __future__ import annotations
 
+import importlib.util
 import pathlib
 import tarfile
 import tempfile
@@ -119,6 +122,29 @@ def fused_crop_batches(root: pathlib.Path, size: int) -> Iterator:
     return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
+def grain_crop_flip_batches(root: pathlib.Path, config: ml_collections.ConfigDict) -> Iterator:
+    """CIFAR pad-crop-flip with grain and numpy, no TensorFlow: PIL decodes the JPEGs."""
+    import grain.python as grain  # Optional: only this row needs it.
+    from PIL import Image
+
+    files = sorted((root / "train").glob("*/*.jpg"))
+    mean, std = np.asarray(config.mean, np.float32), np.asarray(config.std, np.float32)
+    pad = 4
+
+    def crop_flip(path: pathlib.Path, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        image = np.asarray(Image.open(path).convert("RGB"), np.float32) / 255.0
+        padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)))
+        y, x = rng.integers(0, 2 * pad + 1, 2)
+        image = padded[y : y + 32, x : x + 32]
+        if rng.random() < 0.5:
+            image = image[:, ::-1]
+        return {"image": (image - mean) / std}
+
+    ds = grain.MapDataset.source(files).shuffle(seed=0).repeat()
+    ds = ds.random_map(crop_flip, seed=0).batch(_BATCH)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+
+
 def rows(workdir: pathlib.Path, tarball: pathlib.Path | None, count: int) -> list[tuple]:
     """(data, transform, images/s, images per core-s) of every measured pipeline."""
     cifar, large = workdir / "cifar", workdir / "large"
@@ -155,6 +181,10 @@ def rows(workdir: pathlib.Path, tarball: pathlib.Path | None, count: int) -> lis
         (large_name, "random-resized crop 224, decode_and_crop_jpeg",
          lambda: fused_crop_batches(large, 224)),
     ]  # fmt: skip
+    if importlib.util.find_spec("grain") and importlib.util.find_spec("PIL"):
+        config = folder_config(cifar, 32, "crop_flip")
+        cases.append((cifar_name, "pad-crop-flip, grain + numpy (no TensorFlow)",
+                      lambda: grain_crop_flip_batches(cifar, config)))  # fmt: skip
     return [(data, what, *timed(make(), count)) for data, what, make in cases]
 
 
