@@ -179,3 +179,17 @@ def test_gpu_script_smoke_mode(tmp_path):
     torch_rows = ["kd torch", "blockkd torch", "kd torch"] if bench.torch_available() else []
     assert sorted(x for x in labels if x != "variant") == sorted(jax_rows + torch_rows)
     assert "nan" not in text
+
+
+def test_input_bench_runs_the_pipeline_on_generated_jpegs(tmp_path):
+    pytest.importorskip("tensorflow")
+    from bkd_jax import bench_input
+
+    measured = bench_input.rows(tmp_path, None, count=1)
+    assert [what for _, what, *_ in measured][:4] == [
+        "pad-crop-flip (train)",
+        "random-resized crop 224 (train)",
+        "resize 256, centre crop 224 (eval)",
+        "random-resized crop 224, decode_and_crop_jpeg",
+    ]
+    assert all(rate > 0 and per_core > 0 for *_, rate, per_core in measured)
