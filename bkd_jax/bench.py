@@ -1,7 +1,8 @@
-r"""Benchmark of the jitted train step of every distillation method.
+"""Benchmark of the jitted train step of every distillation method.
 
-  python -m bkd_jax.bench --pair=resnet32x4:resnet8x4 --batch_size=64 \
+  python -m bkd_jax.bench --pair=resnet32x4:resnet8x4 --batch_sizes=64,256 \
       --methods=ce,kd,dkd,blockkd,blockkd_lite --dtype=float32 --ablate=batch_stones,remat
+  python -m bkd_jax.bench --input      # the input pipeline alone (bkd_jax.bench_input)
 
 Block-KD costs more than KD because every stepping-stone runs part of the frozen teacher
 forward and, for the input gradient only, backward. The floor of that cost is set by the
@@ -11,12 +12,18 @@ printed beside the ratio of their FLOPs.
 
 Per row: images/s of the whole train step (forward, backward, optimizer update; median
 over the timed steps), the median process CPU time per step, the XLA compile time, the
-memory of the compiled step (XLA's buffer assignment: arguments + outputs - donated
-aliases + temporaries) and GFLOPs per step. CPU time is the steadier measure on a shared
-CPU host, where the wall time depends on how many cores other processes leave free; on an
-accelerator the wall time is the one that counts. `--ablate` adds rows with one option
-flipped (`batch_stones`, `remat`, `dtype`, `donate`) to show what each buys. Variants are
-timed interleaved, a few steps each per round, so that load from other processes hits them
+memory of the compiled step on one device (XLA's buffer assignment: arguments + outputs
+- donated aliases + temporaries), GFLOPs per step over all devices, the FLOP rate, MFU
+(that rate over the peak of the devices in the dtype, `bkd_jax.mfu`) and, when torch is
+installed, the speed against a PyTorch reference step of the same method timed in the
+same rounds (`bkd_jax.bench_torch`; wall and CPU time ratios, above 1 means bkd_jax is
+faster). The step runs jitted over a mesh of every device with the batch split, as the
+trainer runs it; on a CPU-only host the bench first asks XLA for one CPU device per core
+(`--cpu_devices`). CPU time is the
+steadier measure on a shared CPU host; on an accelerator the wall time is the one that
+counts. `--ablate` adds rows with one option flipped (`batch_stones`, `remat`, `dtype`,
+`donate`, `devices`: one device instead of all) to show what each buys. Variants are timed
+interleaved, a few steps each per round, so that load from other processes hits them
 alike. Batches are random: no data is read.
 """
 
@@ -24,31 +31,50 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
+import math
 import os
 import pathlib
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from bkd_jax import config_defaults, distillers, models, optim, steps
+from bkd_jax import config_defaults, distillers, mfu, models, optim, steps
+from bkd_jax.training import sharding
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ABLATIONS = ("batch_stones", "remat", "dtype", "donate")
+ABLATIONS = ("batch_stones", "remat", "dtype", "donate", "devices")
 STONE_OPTIONS = ("batch_stones", "remat")  # options that only change Block-KD methods
 RATIOS = (("blockkd", "kd"), ("blockkd_lite", "kd"), ("blockkd_lite", "blockkd"))
 MARGINS = (("kd", "ce"), ("blockkd", "kd"), ("blockkd_lite", "kd"), ("blockkd", "blockkd_lite"))
 
+
+# Training examples the per-example state of a method (CRD's memory bank) is sized for:
+# CIFAR-100's 50,000.
+NUM_EXAMPLES = 50_000
+
+
+def known_methods() -> tuple[str, ...]:
+    """The distillation methods the bench can time: every registered one."""
+    return tuple(distillers.available())
+
+
+def uses_stones(method: str) -> bool:
+    """Whether `method` runs stepping-stones, the only ones stone options change."""
+    return "stones" in distillers.get(method).consumes
+
+
 _PAIR = flags.DEFINE_string("pair", "resnet32x4:resnet8x4", "teacher:student zoo names.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per step.")
+_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["64"], "Images per step; one table each.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 32, "Side of the square input images.")
 _NUM_CLASSES = flags.DEFINE_integer("num_classes", 100, "Classifier width.")
-_METHODS = flags.DEFINE_list("methods", distillers.available(), "Methods to time.")
+_METHODS = flags.DEFINE_list("methods", None, "Methods to time; default all.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", list(DTYPES), "Compute dtype of the models.")
 _REMAT = flags.DEFINE_bool("remat", False, "Rematerialise teacher blocks on stone paths.")
 _DONATE = flags.DEFINE_bool("donate", True, "Donate the train state to the step.")
@@ -60,6 +86,15 @@ _ABLATE = flags.DEFINE_list(
 )
 _STEPS = flags.DEFINE_integer("steps", 2, "Timed steps per variant per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds over all variants.")
+_TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch reference step when installed.")
+_CPU_DEVICES = flags.DEFINE_integer(
+    "cpu_devices", 0, "XLA CPU devices on a CPU-only host: 0 = one per core, 1 = one."
+)
+_INPUT = flags.DEFINE_bool("input", False, "Measure the input pipeline instead of the step.")
+_INPUT_BATCHES = flags.DEFINE_integer("input_batches", 20, "--input: timed batches per row.")
+_CIFAR_TARBALL = flags.DEFINE_string(
+    "cifar_tarball", None, "--input: CIFAR-10 JPEG tarball; default ../shared/data's if any."
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,12 +106,17 @@ class Variant:
     remat: bool = False
     batch_stones: bool = True
     donate: bool = True
+    devices: int = 0  # devices of the data mesh; 0 = all
+    torch: bool = False  # the PyTorch reference step (bkd_jax.bench_torch) instead
+    batch_size: int = 64  # its own table column, not part of the label
 
     def flipped(self, option: str) -> Variant:
         """This variant with `option` (one of `ABLATIONS`) switched to its other value."""
         if option == "dtype":
             other = "bfloat16" if self.dtype == "float32" else "float32"
             return dataclasses.replace(self, dtype=other)
+        if option == "devices":
+            return dataclasses.replace(self, devices=0 if self.devices == 1 else 1)
         return dataclasses.replace(self, **{option: not getattr(self, option)})
 
     def label(self, base: Variant) -> str:
@@ -84,9 +124,13 @@ class Variant:
         diffs = []
         for field in dataclasses.fields(self)[1:]:
             value = getattr(self, field.name)
-            if value == getattr(base, field.name):
+            if field.name == "batch_size" or value == getattr(base, field.name):
                 continue
-            if isinstance(value, bool):
+            if field.name == "devices":
+                value = f"{value or 'all'} device{'s' if value != 1 else ''}"
+            elif field.name == "torch":
+                value = "torch" if value else "jax"
+            elif isinstance(value, bool):
                 value = ("+" if value else "-") + field.name
             diffs.append(value)
         return " ".join([self.method, *diffs])
@@ -97,11 +141,12 @@ class Result:
     """Static measurements of one compiled variant, and its timed steps in seconds."""
 
     variant: Variant
-    compile_s: float
+    compile_s: float | None
     memory_bytes: float | None
     flops: float | None
     wall: list[float] = dataclasses.field(default_factory=list)
     cpu: list[float] = dataclasses.field(default_factory=list)
+    peak: float | None = None  # FLOP/s of the devices it ran on, in its dtype
 
     @property
     def wall_s(self) -> float:
@@ -110,6 +155,13 @@ class Result:
     @property
     def cpu_s(self) -> float:
         return statistics.median(self.cpu)
+
+    @property
+    def mfu(self) -> float | None:
+        """Achieved FLOP/s over the peak."""
+        if self.flops is None or not self.peak:
+            return None
+        return self.flops / self.wall_s / self.peak
 
 
 def cost_flops(compiled) -> float | None:
@@ -133,74 +185,125 @@ def memory_bytes(compiled) -> float | None:
     )
 
 
+def torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
 class Bench:
     """Compiles and times train-step variants of one teacher/student pair on random data."""
 
     def __init__(self, pair: tuple[str, str], batch_size: int, image_size: int, classes: int):
         self.pair = pair
         self.classes = classes
-        image_key, label_key, teacher_key = jax.random.split(jax.random.key(0), 3)
-        shape = (batch_size, image_size, image_size, 3)
-        self.batch = {
-            "image": jax.random.normal(image_key, shape, jnp.float32),
-            "label": jax.random.randint(label_key, (batch_size,), 0, classes),
-        }
+        self.image_size = image_size
+        self.batch = self.random_batch(batch_size)
         teacher = models.get_model(pair[0], classes)
-        self.teacher_vars = jax.jit(teacher.init)(teacher_key, self.batch["image"])
+        self.teacher_vars = jax.jit(teacher.init)(jax.random.key(3), self.batch["image"][:1])
         self.optim_config = config_defaults.optim_config(0.05, (150, 180, 210), 5e-4)
+
+    def random_batch(self, batch_size: int) -> dict[str, jax.Array]:
+        image_key, label_key = jax.random.split(jax.random.key(batch_size))
+        shape = (batch_size, self.image_size, self.image_size, 3)
+        return {
+            "image": jax.random.normal(image_key, shape, jnp.float32),
+            "label": jax.random.randint(label_key, (batch_size,), 0, self.classes),
+            "index": jnp.arange(batch_size, dtype=jnp.int32),  # examples' dataset indices
+        }
 
     def distiller(self, v: Variant) -> distillers.Distiller:
         dtype = DTYPES[v.dtype]
         teacher, student = (models.get_model(name, self.classes, dtype) for name in self.pair)
         return distillers.make_distiller(
             config_defaults.distill_config(v.method), student, teacher,
-            self.batch["image"].shape, dtype=dtype, batch_stones=v.batch_stones,
-            remat_teacher=v.remat,
+            self.batch["image"][:1].shape, dtype=dtype, batch_stones=v.batch_stones,
+            remat_teacher=v.remat, num_examples=NUM_EXAMPLES,
         )  # fmt: skip
 
-    def compile(self, v: Variant) -> tuple[Any, steps.TrainState, Result]:
-        """The compiled step of `v`, a fresh train state for it, and its static measures."""
+    def mesh(self, v: Variant) -> jax.sharding.Mesh:
+        """`v.devices` devices, or as many of all as split the batch evenly."""
+        devices = jax.devices()
+        count = v.devices or math.gcd(len(devices), v.batch_size)
+        mesh = sharding.make_mesh(devices[:count])
+        sharding.check_batch_size(v.batch_size, mesh)
+        return mesh
+
+    def compile(self, v: Variant) -> tuple[Callable[[], Any], Result]:
+        """A function running one step of `v` on its own state, and its static measures."""
+        if v.torch:
+            return self._torch_step(v), Result(v, None, None, None)
+        mesh = self.mesh(v)
+        repl, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+        batch = jax.device_put(self.random_batch(v.batch_size), split)
+        teacher_vars = jax.device_put(self.teacher_vars, repl)
         distiller = self.distiller(v)
         optimizer = optim.make_optimizer(
             self.optim_config, steps_per_epoch=782, name=distillers.get(v.method).optimizer
         )
         init = functools.partial(steps.create_train_state, distiller, optimizer)
-        state = jax.jit(init)(jax.random.key(1), self.batch["image"])
+        state = jax.jit(init, out_shardings=repl)(jax.random.key(1), batch["image"])
         step = steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(1.0))
-        lowered = jax.jit(step, donate_argnums=0 if v.donate else ()).lower(
-            state, self.teacher_vars, self.batch
-        )
+        lowered = jax.jit(
+            step,
+            in_shardings=(repl, repl, split),
+            out_shardings=(repl, repl),
+            donate_argnums=0 if v.donate else (),
+        ).lower(state, teacher_vars, batch)
         start = time.perf_counter()
         compiled = lowered.compile()
         compile_s = time.perf_counter() - start
-        return compiled, state, Result(v, compile_s, memory_bytes(compiled), cost_flops(compiled))
+        peak, _ = mfu.peak_flops(mesh, v.dtype)
+        flops = cost_flops(compiled)  # of one device's partitioned program
+        total = None if flops is None else flops * mesh.devices.size
+        result = Result(v, compile_s, memory_bytes(compiled), total, peak=peak)
+        holder = [state]
+
+        def run() -> Any:
+            holder[0], metrics = compiled(holder[0], teacher_vars, batch)
+            return jax.block_until_ready((holder[0], metrics))
+
+        return run, result
+
+    def _torch_step(self, v: Variant) -> Callable[[], Any]:
+        import torch  # Only the torch rows need it.
+
+        from bkd_jax import bench_torch
+
+        device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
+        dtype = torch.bfloat16 if v.dtype == "bfloat16" else torch.float32
+        return bench_torch.ReferenceStep(
+            v.method, self.pair, v.batch_size, self.image_size, self.classes,
+            device=device, dtype=dtype,
+        )  # fmt: skip
 
     def run(self, variants: Sequence[Variant], steps_per_round: int, rounds: int) -> list[Result]:
         """Compiles every variant, then times them round-robin."""
         compiled = [self.compile(v) for v in variants]
-        states = []
-        for fn, state, _ in compiled:  # warm-up: the first call allocates and pages in
-            state, metrics = fn(state, self.teacher_vars, self.batch)
-            jax.block_until_ready(metrics)
-            states.append(state)
+        for step, _ in compiled:  # warm-up: the first call allocates and pages in
+            step()
         for _ in range(rounds):
-            for k, (fn, _, result) in enumerate(compiled):
+            for step, result in compiled:
                 for _ in range(steps_per_round):
                     wall, cpu = time.perf_counter(), time.process_time()
-                    states[k], metrics = fn(states[k], self.teacher_vars, self.batch)
-                    jax.block_until_ready((states[k], metrics))
+                    step()
                     result.wall.append(time.perf_counter() - wall)
                     result.cpu.append(time.process_time() - cpu)
-        return [result for *_, result in compiled]
+        return [result for _, result in compiled]
 
 
-def variants(base: Variant, methods: Sequence[str], ablate: Sequence[str]) -> list[Variant]:
-    """Each method with the base options, then each method with each ablated option flipped."""
+def variants(
+    base: Variant,
+    methods: Sequence[str],
+    ablate: Sequence[str],
+    torch_methods: Sequence[str] = (),
+) -> list[Variant]:
+    """Each method with the base options, each with each ablated option flipped, then the
+    PyTorch reference of each of `torch_methods` with the base options."""
     out = [dataclasses.replace(base, method=m) for m in methods]
     for option in ablate:
         for m in methods:
-            if option not in STONE_OPTIONS or "stones" in distillers.get(m).consumes:
+            if option not in STONE_OPTIONS or uses_stones(m):
                 out.append(dataclasses.replace(base, method=m).flipped(option))
+    out += [dataclasses.replace(base, method=m, torch=True, devices=0) for m in torch_methods]
     return out
 
 
@@ -208,21 +311,36 @@ def _fmt(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
-def table(results: Sequence[Result], base: Variant, batch_size: int) -> str:
+def torch_speedup(r: Result, results: Sequence[Result]) -> tuple[float, float] | None:
+    """Reference step time over this step's time (wall, CPU), same method, batch, dtype."""
+    if r.variant.torch:
+        return None
+    key = (r.variant.method, r.variant.batch_size, r.variant.dtype)
+    for t in results:
+        if t.variant.torch and (t.variant.method, t.variant.batch_size, t.variant.dtype) == key:
+            return t.wall_s / r.wall_s, t.cpu_s / r.cpu_s
+    return None
+
+
+def table(results: Sequence[Result], base: Variant) -> str:
     """A Markdown table with one row per variant."""
     rows = [
-        "| variant | images/s | step ms | CPU ms/step | compile s | memory MiB | GFLOPs/step "
-        "| GFLOP/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | batch | images/s | step ms | CPU ms/step | compile s | memory MiB "
+        "| GFLOPs/step | GFLOP/s | MFU % | x torch | x torch CPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         memory = None if r.memory_bytes is None else r.memory_bytes / 2**20
         flops = None if r.flops is None else r.flops / 1e9
         rate = None if flops is None else flops / r.wall_s
+        mfu_pct = None if r.mfu is None else 100 * r.mfu
+        batch = r.variant.batch_size
+        speedup = torch_speedup(r, results) or (None, None)
         rows.append(
-            f"| {r.variant.label(base)} | {batch_size / r.wall_s:.1f} | {1e3 * r.wall_s:.0f} "
-            f"| {1e3 * r.cpu_s:.0f} | {r.compile_s:.1f} | {_fmt(memory, '.0f')} "
-            f"| {_fmt(flops, '.1f')} | {_fmt(rate, '.1f')} |"
+            f"| {r.variant.label(base)} | {batch} | {batch / r.wall_s:.1f} "
+            f"| {1e3 * r.wall_s:.0f} | {1e3 * r.cpu_s:.0f} | {_fmt(r.compile_s, '.1f')} "
+            f"| {_fmt(memory, '.0f')} | {_fmt(flops, '.1f')} | {_fmt(rate, '.1f')} "
+            f"| {_fmt(mfu_pct, '.1f')} | {_fmt(speedup[0], '.2f')} | {_fmt(speedup[1], '.2f')} |"
         )
     return "\n".join(rows)
 
@@ -279,7 +397,7 @@ def margins(results: Sequence[Result], base: Variant) -> str:
 
 
 def machine() -> str:
-    """The host CPU, the jax devices and the jax version, in one line."""
+    """The host CPU, its load, the jax devices and the library versions, in one line."""
     cpuinfo = pathlib.Path("/proc/cpuinfo")
     names = [
         line.split(":", 1)[1].strip()
@@ -288,36 +406,71 @@ def machine() -> str:
     ]
     cpu = names[0] if names else platform.processor() or platform.machine()
     device = jax.devices()[0]
+    load = f", load {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    versions = f"jax {jax.__version__}"
+    if torch_available():
+        import torch
+
+        versions += f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
     return (
-        f"{cpu} ({os.cpu_count()} cores), {jax.device_count()} x {device.platform} "
-        f"({device.device_kind}), jax {jax.__version__}"
+        f"{cpu} ({os.cpu_count()} cores{load}), {jax.device_count()} x {device.platform} "
+        f"({device.device_kind}), {versions}"
     )
+
+
+def _batch_sizes(values: Sequence[str]) -> list[int]:
+    try:
+        sizes = [int(v) for v in values]
+    except ValueError:
+        raise app.UsageError(f"--batch_sizes must be integers, got {values}") from None
+    if not sizes or min(sizes) < 1:
+        raise app.UsageError(f"--batch_sizes must be positive, got {values}")
+    return sizes
 
 
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    unknown = set(_METHODS.value) - set(distillers.available())
+    if _INPUT.value:
+        from bkd_jax import bench_input  # Needs TensorFlow, which nothing else here does.
+
+        tarball = _CIFAR_TARBALL.value or bench_input.DEFAULT_TARBALL
+        print(bench_input.report(pathlib.Path(tarball), _INPUT_BATCHES.value))
+        return
+    if _CPU_DEVICES.value != 1:
+        sharding.use_one_cpu_device_per_core(_CPU_DEVICES.value or None)
+    methods = _METHODS.value or list(known_methods())
+    unknown = set(methods) - set(known_methods())
     if unknown:
-        raise app.UsageError(
-            f"unknown methods {sorted(unknown)}; known: {', '.join(distillers.available())}"
-        )
+        raise app.UsageError(f"unknown methods {sorted(unknown)}; known: {known_methods()}")
     bad = set(_ABLATE.value) - set(ABLATIONS)
     if bad:
         raise app.UsageError(f"unknown --ablate options {sorted(bad)}; known: {ABLATIONS}")
     teacher, sep, student = _PAIR.value.partition(":")
     if not sep:
         raise app.UsageError(f"--pair must be teacher:student, got {_PAIR.value!r}")
-    base = Variant(
-        _METHODS.value[0], _DTYPE.value, _REMAT.value, _BATCH_STONES.value, _DONATE.value
-    )
-    bench = Bench((teacher, student), _BATCH_SIZE.value, _IMAGE_SIZE.value, _NUM_CLASSES.value)
-    results = bench.run(variants(base, _METHODS.value, _ABLATE.value), _STEPS.value, _ROUNDS.value)
-    print(f"{teacher} -> {student}, batch {_BATCH_SIZE.value}, {base.dtype}; {machine()}")
-    print(table(results, base, _BATCH_SIZE.value))
-    for summary in (ratios(results, base), margins(results, base)):
-        if summary:
-            print(f"\n{summary}")
+    torch_methods = []
+    if _TORCH.value and torch_available():
+        from bkd_jax import bench_torch
+
+        if bench_torch.has_models((teacher, student)):
+            torch_methods = [m for m in methods if m in bench_torch.METHODS]
+    sizes = _batch_sizes(_BATCH_SIZES.value)
+    bench = Bench((teacher, student), sizes[0], _IMAGE_SIZE.value, _NUM_CLASSES.value)
+    print(f"{teacher} -> {student}, {_DTYPE.value}; {machine()}")
+    for size in sizes:
+        base = Variant(
+            methods[0], _DTYPE.value, _REMAT.value, _BATCH_STONES.value, _DONATE.value,
+            batch_size=size,
+        )  # fmt: skip
+        todo = variants(base, methods, _ABLATE.value, torch_methods)
+        results = bench.run(todo, _STEPS.value, _ROUNDS.value)
+        peak = next((r.peak for r in results if r.peak), None)
+        print(f"\nbatch {size}; peak {_fmt(peak and peak / 1e9, '.0f')} GFLOP/s")
+        print(table(results, base))
+        for summary in (ratios(results, base), margins(results, base)):
+            if summary:
+                print(f"\n{summary}")
 
 
 if __name__ == "__main__":

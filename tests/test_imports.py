@@ -1,0 +1,56 @@
+"""The pure core, the models, the configs and the bench load without TensorFlow or orbax.
+
+A GPU machine with jax, flax, optax, ml_collections and numpy but no TensorFlow must be
+able to build models and run the bench; each module is imported in a fresh interpreter
+and its `sys.modules` checked.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+HEAVY = ("tensorflow", "tensorflow_datasets", "orbax")
+MODULES = (
+    "bkd_jax.bench",
+    "bkd_jax.bench_gpu",
+    "bkd_jax.config_defaults",
+    "bkd_jax.models",
+    "bkd_jax.blockwise",
+    "bkd_jax.connectors",
+    "bkd_jax.losses",
+    "bkd_jax.distillers",
+    "bkd_jax.steps",
+    "bkd_jax.optim",
+    "bkd_jax.training.prefetch",
+)
+
+_DRIVER = """
+import importlib, importlib.util, pathlib, sys
+heavy = {heavy!r}
+for name in {modules!r}:
+    importlib.import_module(name)
+for path in sorted(pathlib.Path("configs").glob("*.py")):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+print(sorted(m for m in sys.modules if m.split(".")[0] in heavy))
+"""
+
+
+def test_core_configs_and_bench_import_neither_tensorflow_nor_orbax():
+    code = _DRIVER.format(heavy=HEAVY, modules=MODULES)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_the_check_sees_tensorflow_when_it_is_imported():
+    code = "import sys; import bkd_jax.data.pipeline; print('tensorflow' in sys.modules)"
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert result.stdout.strip() == "True", result.stderr[-3000:]
