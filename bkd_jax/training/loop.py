@@ -42,7 +42,14 @@ from jax.sharding import Mesh
 
 from bkd_jax import distillers, models, optim, steps
 from bkd_jax.data import datasets, pipeline
-from bkd_jax.training import checkpointing, config_guard, nonfinite, preemption, sharding
+from bkd_jax.training import (
+    checkpointing,
+    config_guard,
+    nonfinite,
+    preemption,
+    prefetch,
+    sharding,
+)
 from bkd_jax.training.metric_writers import MetricWriter
 from bkd_jax.training.progress import Progress
 from bkd_jax.training.validation import DTYPES, validate_config
@@ -381,11 +388,15 @@ def _train(
         setup.distiller, setup.optimizer, warmup, setup.mesh, config.on_nonfinite
     )
     start = step = int(state.step)
-    batches = pipeline.train_batches(
-        config.dataset,
-        global_batch_size=config.global_batch_size,
-        seed=config.seed,
-        start_step=start,
+    # Double buffering: the next batch goes to its devices while this step runs.
+    batches = prefetch.prefetch_to_mesh(
+        pipeline.train_batches(
+            config.dataset,
+            global_batch_size=config.global_batch_size,
+            seed=config.seed,
+            start_step=start,
+        ),
+        setup.mesh,
     )
     total, per_epoch = setup.total_steps, setup.steps_per_epoch
     eval_every = max(1, int(config.eval_every_epochs * per_epoch))
@@ -394,9 +405,8 @@ def _train(
     last_log, last_log_step, data_seconds = time.monotonic(), start, 0.0
     for step in range(start + 1, total + 1):
         waited = time.monotonic()
-        local = next(batches)
+        batch = next(batches)  # the transfers happen in here, outside the guard
         with jax.transfer_guard("disallow"):
-            batch = to_devices(local, setup.mesh)
             data_seconds += time.monotonic() - waited
             state, train_metrics = train_step(state, setup.teacher_vars, batch)
             pending.append((step, train_metrics))
