@@ -85,4 +85,5 @@ def base_config(dataset: str, *, teacher: str, student: str, method: str):
     config.keep_checkpoints = 3
     config.on_nonfinite = "stop"  # NaN/Inf in a loss term, gradient or weight: stop | skip
     config.tensorboard = True
+    config.profile_steps = 0  # trace this many steps (after the first two) into workdir/profile
     return config

@@ -48,6 +48,7 @@ from bkd_jax.training import (
     nonfinite,
     preemption,
     prefetch,
+    profiling,
     sharding,
 )
 from bkd_jax.training.metric_writers import MetricWriter
@@ -57,7 +58,7 @@ from bkd_jax.training.validation import DTYPES, validate_config
 BEST_METRIC = "eval/student/top1"
 RESULTS_FILE = "results.json"
 # Keys that may change between runs of one experiment without invalidating its workdir.
-COSMETIC_KEYS = ("log_every_steps", "tensorboard", "eval_only")
+COSMETIC_KEYS = ("log_every_steps", "tensorboard", "eval_only", "profile_steps")
 
 
 def _held_model(path: str, metadata: dict[str, Any]) -> str | None:
@@ -308,7 +309,9 @@ def _run(
         _log_start(config, setup, state)
         writer = MetricWriter(workdir, tensorboard=config.tensorboard, resume_step=int(state.step))
         with writer, _explain_peer_failure():
-            step = _train(config, setup, state, eval_step, checkpointer, writer, extra, guard)
+            step = _train(
+                config, setup, state, eval_step, checkpointer, writer, extra, guard, workdir
+            )
         checkpointer.wait_until_finished()
     finally:
         checkpointer.close()
@@ -374,6 +377,7 @@ def _train(
     writer: MetricWriter,
     extra: dict[str, Any],
     guard: preemption.PreemptionGuard,
+    workdir: epath.Path,
 ) -> int:
     """Steps from `state.step` to the end or a stop request; returns the last step done.
 
@@ -401,14 +405,18 @@ def _train(
     total, per_epoch = setup.total_steps, setup.steps_per_epoch
     eval_every = max(1, int(config.eval_every_epochs * per_epoch))
     progress = Progress(total, images_per_step=config.global_batch_size, initial_step=start)
+    profiler = profiling.StepProfiler(workdir, start, config.profile_steps)
     pending: list[tuple[int, dict[str, jax.Array]]] = []  # metrics not checked yet
     last_log, last_log_step, data_seconds = time.monotonic(), start, 0.0
     for step in range(start + 1, total + 1):
         waited = time.monotonic()
         batch = next(batches)  # the transfers happen in here, outside the guard
+        profiler.before(step)
         with jax.transfer_guard("disallow"):
             data_seconds += time.monotonic() - waited
             state, train_metrics = train_step(state, setup.teacher_vars, batch)
+        profiler.after(step, state)
+        with jax.transfer_guard("disallow"):
             pending.append((step, train_metrics))
             logs = step % config.log_every_steps == 0 or step == total
             evaluates = step % eval_every == 0 or step == total
