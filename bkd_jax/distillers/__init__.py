@@ -138,10 +138,10 @@ def make_distiller(
 
 
 # The built-in methods. Block-KD comes last: its knobs list every registered distance.
-from bkd_jax.distillers import blockkd, ce, dist, dkd, dot, kd, wttm  # noqa: E402
+from bkd_jax.distillers import blockkd, ce, crd, dist, dkd, dot, kd, reviewkd, wttm  # noqa: E402
 
 for _method in (
     ce.METHOD, kd.METHOD, dkd.METHOD, dot.METHOD, dist.METHOD, wttm.METHOD,
-    blockkd.BLOCKKD, blockkd.BLOCKKD_LITE,
+    crd.METHOD, reviewkd.METHOD, blockkd.BLOCKKD, blockkd.BLOCKKD_LITE,
 ):  # fmt: skip
     register(_method)
