@@ -62,8 +62,8 @@ def knobs() -> dict:
     }
 
 
-def _torch_uniform(fan_in: int):
-    """PyTorch's nn.Linear initialiser: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+def torch_uniform(fan_in: int):
+    """PyTorch's default initialiser of a layer's weights and bias: U(+-1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in)
 
     def init(key, shape, dtype=jnp.float32):
@@ -74,7 +74,7 @@ def _torch_uniform(fan_in: int):
 
 def embedding_head(fan_in: int, dim: int, dtype: Any) -> nn.Dense:
     """CRD's Embed before its L2 normalisation: a linear layer, PyTorch's initialisation."""
-    init = _torch_uniform(fan_in)
+    init = torch_uniform(fan_in)
     return nn.Dense(dim, dtype=dtype, kernel_init=init, bias_init=init)
 
 
