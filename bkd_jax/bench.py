@@ -43,6 +43,7 @@ ABLATIONS = ("batch_stones", "remat", "dtype", "donate")
 STONE_OPTIONS = ("batch_stones", "remat")  # options that only change Block-KD methods
 RATIOS = (("blockkd", "kd"), ("blockkd_lite", "kd"), ("blockkd_lite", "blockkd"))
 MARGINS = (("kd", "ce"), ("blockkd", "kd"), ("blockkd_lite", "kd"), ("blockkd", "blockkd_lite"))
+NUM_EXAMPLES = 50_000  # training-set size (CIFAR-100's) for CRD's memory bank
 
 _PAIR = flags.DEFINE_string("pair", "resnet32x4:resnet8x4", "teacher:student zoo names.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per step.")
@@ -144,6 +145,7 @@ class Bench:
         self.batch = {
             "image": jax.random.normal(image_key, shape, jnp.float32),
             "label": jax.random.randint(label_key, (batch_size,), 0, classes),
+            "index": jnp.arange(batch_size, dtype=jnp.int32),  # CRD's memory-bank rows
         }
         teacher = models.get_model(pair[0], classes)
         self.teacher_vars = jax.jit(teacher.init)(teacher_key, self.batch["image"])
@@ -155,7 +157,7 @@ class Bench:
         return distillers.make_distiller(
             config_defaults.distill_config(v.method), student, teacher,
             self.batch["image"].shape, dtype=dtype, batch_stones=v.batch_stones,
-            remat_teacher=v.remat,
+            remat_teacher=v.remat, num_examples=NUM_EXAMPLES,
         )  # fmt: skip
 
     def compile(self, v: Variant) -> tuple[Any, steps.TrainState, Result]:
