@@ -53,11 +53,7 @@ ABLATIONS = ("batch_stones", "remat", "dtype", "donate", "devices")
 STONE_OPTIONS = ("batch_stones", "remat")  # options that only change Block-KD methods
 RATIOS = (("blockkd", "kd"), ("blockkd_lite", "kd"), ("blockkd_lite", "blockkd"))
 MARGINS = (("kd", "ce"), ("blockkd", "kd"), ("blockkd_lite", "kd"), ("blockkd", "blockkd_lite"))
-
-
-# Training examples the per-example state of a method (CRD's memory bank) is sized for:
-# CIFAR-100's 50,000.
-NUM_EXAMPLES = 50_000
+NUM_EXAMPLES = 50_000  # training-set size (CIFAR-100's) for CRD's memory bank
 
 
 def known_methods() -> tuple[str, ...]:

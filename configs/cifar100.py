@@ -12,7 +12,8 @@ pairs of mdistiller's CIFAR-100 tables; every one has its recipe here:
   values of the authors' configs on top (`PAIR_KNOBS`): DKD's beta
   (configs/cifar100/dkd/<pair>.yaml DKD.BETA; pairs without one use the default 8.0),
   which Block-KD's DKD distance takes too; DOT's delta (configs/cifar100/dot/*.yaml,
-  0.075 for the three pairs it publishes, the default elsewhere).
+  0.075 for the three pairs it publishes, the default elsewhere); ReviewKD's weight
+  (`_REVIEWKD_WEIGHT`).
 
 Launch (a teacher first, then a student distilled from it; `python -m bkd_jax.sweep` runs
 whole grids in this order):
@@ -57,6 +58,19 @@ _DKD_BETA = {
     ("vgg13", "vgg8"): 6.0,
     ("vgg13", "mobilenetv2"): 6.0,
 }
+# ReviewKD's weight: mdistiller configs/cifar100/reviewkd.yaml REVIEWKD.REVIEWKD_WEIGHT (5.0,
+# resnet32x4 -> resnet8x4) and, per pair, its authors' --kd-loss-weight
+# (dvlab-research/ReviewKD CIFAR-100/script/reviewKD.sh); the others keep CFG.REVIEWKD's 1.0.
+_REVIEWKD_WEIGHT = {
+    ("resnet56", "resnet20"): 0.6,
+    ("resnet110", "resnet32"): 1.0,
+    ("resnet32x4", "resnet8x4"): 5.0,
+    ("wrn_40_2", "wrn_16_2"): 5.0,
+    ("wrn_40_2", "wrn_40_1"): 5.0,
+    ("resnet32x4", "shufflenetv1"): 5.0,
+    ("resnet32x4", "shufflenetv2"): 8.0,
+    ("wrn_40_2", "shufflenetv1"): 5.0,
+}
 # Per-pair overrides of `config`, by method: {method: {pair: {field: value}}}.
 PAIR_KNOBS = {
     "dkd": {pair: {"distill": {"dkd": {"beta": b}}} for pair, b in _DKD_BETA.items()},
@@ -68,6 +82,9 @@ PAIR_KNOBS = {
     "dot": {
         pair: {"optim": {"dot_delta": 0.075}}
         for pair in (("resnet32x4", "resnet8x4"), ("resnet32x4", "shufflenetv2"), ("vgg13", "vgg8"))
+    },
+    "reviewkd": {
+        pair: {"distill": {"reviewkd": {"feat_weight": w}}} for pair, w in _REVIEWKD_WEIGHT.items()
     },
 }
 

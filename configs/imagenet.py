@@ -6,10 +6,11 @@ shorthand; method (default blockkd). SGD lr 0.2, x0.1 at 30/60/90, weight decay 
 (mdistiller configs/imagenet/r34_r18/*.yaml SOLVER). Per method, from the same files:
 KD temperature 1 and CE:KD weights 0.5:0.5 (kd.yaml; DOT too, dot.yaml, with delta 0.09);
 DKD CE weight 1.0, temperature 1, warm-up 1 epoch and beta 0.5 (r34_r18/dkd.yaml) or 2.0
-(r50_mv1/dkd.yaml); DIST temperature 1 (its authors' resnet_dist.yaml); Block-KD
-temperature 1 and warm-up 1 epoch (our choice, following DKD's ImageNet recipe;
-docs/method.md). Teachers are torchvision's weights, converted with
-`python -m bkd_jax.convert`.
+(r50_mv1/dkd.yaml); DIST temperature 1 (its authors' resnet_dist.yaml); ReviewKD warm-up 1
+epoch on the student's pre-activations, weight 1 (r34_r18) or 8 with 256 mid channels
+(r50_mv1; reviewkd.yaml); Block-KD temperature 1 and warm-up 1 epoch (our choice,
+following DKD's ImageNet recipe; docs/method.md). Teachers are torchvision's weights,
+converted with `python -m bkd_jax.convert`.
 
 Launch on a TPU VM slice (every host runs the same command; see launch/):
 
@@ -43,8 +44,12 @@ METHOD_KNOBS = {
     "dist": {"distill": {"dist": {"temperature": 1.0}}},
     "blockkd": {"distill": {"blockkd": _BLOCKKD}},
     "blockkd_lite": {"distill": {"blockkd_lite": _BLOCKKD}},
+    # mdistiller configs/imagenet/{r34_r18,r50_mv1}/reviewkd.yaml: WARMUP_EPOCHS 1, STU_PREACT.
+    "reviewkd": {"distill": {"reviewkd": {"warmup_epochs": 1, "stu_preact": True}}},
 }
 PAIR_KNOBS = {
+    # mdistiller configs/imagenet/r50_mv1/reviewkd.yaml: REVIEWKD_WEIGHT 8, MAX_MID_CHANNEL 256.
+    "reviewkd": {PAIRS[1]: {"distill": {"reviewkd": {"feat_weight": 8.0, "max_mid_channel": 256}}}},
     "dkd": {pair: {"distill": {"dkd": {"beta": b}}} for pair, b in _DKD_BETA.items()},
     **{
         m: {pair: {"distill": {m: {"dkd": {"beta": b}}}} for pair, b in _DKD_BETA.items()}

@@ -23,6 +23,7 @@ from bkd_jax.training.validation import validate_config
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 IMAGE_SIZE = {"cifar100": 32, "imagenet2012": 32, "digits": 8}
 CLASSES = {"cifar100": 100, "imagenet2012": 1000, "digits": 10}
+NUM_EXAMPLES = 100  # training-set size for methods with per-example state (CRD's memory)
 
 
 @functools.cache
@@ -51,7 +52,9 @@ def build(config):
         "label": jnp.array([0, classes - 1], jnp.int32),
         "index": jnp.array([0, 1], jnp.int32),
     }
-    distiller = distillers.make_distiller(config.distill, student, teacher, batch["image"].shape)
+    distiller = distillers.make_distiller(
+        config.distill, student, teacher, batch["image"].shape, num_examples=NUM_EXAMPLES
+    )
     optimizer = optim.make_optimizer(config.optim, 10, method.optimizer)
     return distiller, optimizer, teacher, batch
 

@@ -19,6 +19,7 @@ SHAPE = (16, 8, 8, 3)  # 16 of scikit-learn's 8x8 digits, grey repeated to 3 cha
 # FitNet's regressor ends in BatchNorm and ReLU, so only that BatchNorm's scale and shift
 # can reach the teacher's (unnormalised) channel statistics, 3e-3 a step with Adam.
 LEARNING_RATE = {"fitnet": 1e-2}
+NEEDS_TRAINED_TEACHER = ("crd",)
 
 
 def distill_config(method: str, **overrides) -> ml_collections.ConfigDict:
@@ -33,16 +34,39 @@ def teacher_and_batch():
     teacher = models.get_model("resnet20", NUM_CLASSES)
     digits = sklearn.datasets.load_digits()
     x = np.repeat(digits.images[: SHAPE[0], :, :, None] / 16.0, 3, axis=-1).astype(np.float32)
-    batch = {"image": jnp.asarray(x), "label": jnp.asarray(digits.target[: SHAPE[0]], jnp.int32)}
+    batch = {
+        "image": jnp.asarray(x),
+        "label": jnp.asarray(digits.target[: SHAPE[0]], jnp.int32),
+        "index": jnp.arange(SHAPE[0], dtype=jnp.int32),
+    }
     return teacher, teacher.init(jax.random.key(2), batch["image"]), batch
+
+
+@functools.cache
+def trained_teacher_vars():
+    """The teacher after 30 CE steps on the batch: pooled features that tell examples apart.
+
+    A random teacher's pooled features are nearly parallel, and CRD contrasts examples by
+    the teacher's embeddings.
+    """
+    teacher, _, batch = teacher_and_batch()
+    ce = distillers.make_distiller(distill_config("ce"), teacher, None, SHAPE)
+    optimizer = optax.adam(3e-3)
+    state = steps.create_train_state(ce, optimizer, jax.random.key(2), batch["image"])
+    step = jax.jit(steps.make_train_step(ce, optimizer, lambda s: jnp.float32(1.0)))
+    for _ in range(30):
+        state, _ = step(state, None, batch)
+    return state.variables("student")
 
 
 def build(method: str, **overrides):
     teacher, teacher_vars, batch = teacher_and_batch()
     student = models.get_model("resnet8", NUM_CLASSES)
     distiller = distillers.make_distiller(
-        distill_config(method, **overrides), student, teacher, SHAPE
+        distill_config(method, **overrides), student, teacher, SHAPE, num_examples=SHAPE[0]
     )
+    if method in NEEDS_TRAINED_TEACHER:
+        teacher_vars = trained_teacher_vars()
     optimizer = optax.adam(LEARNING_RATE.get(method, 3e-3))
     state = steps.create_train_state(distiller, optimizer, jax.random.key(3), batch["image"])
     return distiller, optimizer, state, teacher_vars, batch

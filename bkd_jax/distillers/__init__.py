@@ -142,6 +142,7 @@ from bkd_jax.distillers import (  # noqa: E402
     at,
     blockkd,
     ce,
+    crd,
     dist,
     dkd,
     dot,
@@ -151,6 +152,7 @@ from bkd_jax.distillers import (  # noqa: E402
     nst,
     ofd,
     pkt,
+    reviewkd,
     rkd,
     sp,
     vid,
@@ -160,7 +162,7 @@ from bkd_jax.distillers import (  # noqa: E402
 for _method in (
     ce.METHOD, kd.METHOD, dkd.METHOD, dot.METHOD, dist.METHOD, wttm.METHOD,
     fitnet.METHOD, at.METHOD, nst.METHOD, pkt.METHOD, kdsvd.METHOD, rkd.METHOD, sp.METHOD,
-    vid.METHOD, ofd.METHOD,
+    vid.METHOD, ofd.METHOD, crd.METHOD, reviewkd.METHOD,
     blockkd.BLOCKKD, blockkd.BLOCKKD_LITE,
 ):  # fmt: skip
     register(_method)
