@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs bkd_jax on several GPU nodes: one process per node, each driving all its GPUs.
 #
-# Untested here: there is no GPU cluster where this project is developed and tested. The
-# multi-process code path it starts (--multihost) was checked with two CPU processes on one
-# machine, using the plain mode below.
+# Not yet run on a GPU cluster. The multi-process code path it starts (--multihost) is
+# tested with two CPU processes on one machine (tests/test_multihost.py; the plain mode
+# below starts the same).
 #
 # --multihost makes every process call jax.distributed.initialize() (bkd_jax/main.py),
 # which finds the others by itself under SLURM; each process reads its own shard of the
@@ -25,7 +25,7 @@
 #          launch/gpu_multinode.sh --config.dataset.data_dir=/shared/tfds
 #
 # Arguments are passed on to `python -m bkd_jax.main`. PYTHON overrides the interpreter
-# (default python3; the environment needs the requirements and "jax[cuda12]"). Rerunning
+# (default python3; the environment needs bkd_jax installed, `pip install -e . "jax[cuda12]"`). Rerunning
 # the same command resumes from the last checkpoint; SIGTERM, which SLURM sends 120 s
 # before the time limit below, makes every process save at the same step and exit.
 #

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs bkd_jax on every host of a Cloud TPU VM slice (v4-32, v5e-64, ...).
 #
-# Untested on a TPU: there is none (nor gcloud) where this project is developed. The remote
-# command it builds was checked with a stand-in gcloud, and the multi-process path it starts
-# (--multihost) with two CPU processes on one machine (see gpu_multinode.sh's plain mode).
+# Not yet run on a TPU slice. The remote command it builds was checked with a stand-in
+# gcloud, and the multi-process path it starts (--multihost) is tested with two CPU
+# processes on one machine (tests/test_multihost.py).
 #
 # Every host runs the same command; with --multihost, jax.distributed.initialize() finds
 # the other hosts from the TPU metadata, each host reads its own shard of the data, and
@@ -23,7 +23,7 @@
 #
 # One-time setup of every host (clone the project and install it with jax[tpu]):
 #   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command=\
-#     'git clone <this repo> ~/bkd_jax && pip install -r ~/bkd_jax/requirements.txt "jax[tpu]"'
+#     'git clone <this repo> ~/bkd_jax && pip install -e ~/bkd_jax "jax[tpu]"'
 set -euo pipefail
 
 main_args=()
