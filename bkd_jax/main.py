@@ -87,7 +87,10 @@ def main(argv: list[str]) -> None:
         jax.process_index(), jax.process_count(), jax.local_device_count(),
         jax.device_count(), jax.devices()[0].platform,
     )  # fmt: skip
-    loop.train_and_evaluate(config, _WORKDIR.value)
+    try:
+        loop.train_and_evaluate(config, _WORKDIR.value)
+    except ValueError as e:  # a mismatched checkpoint or workdir, a data set not prepared
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -299,7 +299,12 @@ def _run(
                 writer.write_scalars(int(state.step), metrics)
             summary = {"eval": metrics}
             _write_results(workdir, summary)
-            logging.info("Evaluation: %s", json.dumps(metrics, indent=1))
+            shown = ", ".join(
+                f"{key.removeprefix('eval/')} {100 * value:.2f}%"
+                for key, value in sorted(metrics.items())
+                if key.endswith(("/top1", "/top5"))
+            )
+            logging.info("Evaluation of %d images: %s.", metrics["eval/count"], shown)
             return summary
 
         start = int(state.step)
