@@ -44,7 +44,7 @@ from typing import Any
 from absl import app, flags
 
 from bkd_jax import distillers, published
-from bkd_jax.training import checkpointing, loop
+from bkd_jax.training import config_guard, loop
 from bkd_jax.training.metric_writers import METRICS_FILE
 
 TOP1, TOP5 = loop.BEST_METRIC, "eval/student/top5"
@@ -140,7 +140,7 @@ def load_run(
     run_dir = pathlib.Path(run_dir)
     if not is_finished(run_dir):
         raise ValueError(f"{run_dir} holds no finished training run ({loop.RESULTS_FILE})")
-    config = json.loads((run_dir / checkpointing.CONFIG_FILE).read_text())
+    config = json.loads((run_dir / config_guard.CONFIG_FILE).read_text())
     results = json.loads((run_dir / loop.RESULTS_FILE).read_text())
     method = config["distill"]["method"]
     if teacher_run is None:
@@ -189,7 +189,7 @@ def find_runs(paths: Iterable[str | pathlib.Path]) -> tuple[list[Run], list[path
         root = pathlib.Path(root)
         if not root.exists():
             raise FileNotFoundError(f"no such run or folder: {root}")
-        for config in sorted(root.rglob(checkpointing.CONFIG_FILE)):
+        for config in sorted(root.rglob(config_guard.CONFIG_FILE)):
             if is_finished(config.parent):
                 runs.append(load_run(config.parent))
             else:

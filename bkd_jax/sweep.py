@@ -46,7 +46,7 @@ from types import ModuleType
 from absl import app, flags
 
 from bkd_jax import distillers, report
-from bkd_jax.training import checkpointing
+from bkd_jax.training import config_guard
 
 TEACHERS_DIR = "teachers"
 
@@ -196,7 +196,7 @@ def execute(
         if report.is_finished(run.workdir):
             log(f"{head}: finished earlier, skipped")
             continue
-        resuming = (run.workdir / checkpointing.CONFIG_FILE).exists()
+        resuming = (run.workdir / config_guard.CONFIG_FILE).exists()
         what = "resuming" if resuming else "starting"
         log(f"{head}: {what} ({_clock(time.monotonic() - start)} elapsed)")
         run_start = time.monotonic()
