@@ -457,7 +457,8 @@ def test_crd_resumes_bit_exactly_after_sigterm(tmp_path, monkeypatch):
     loop.train_and_evaluate(config, str(tmp_path / "uninterrupted"))
     monkeypatch.setattr(loop, "MetricWriter", _StopAfter)
     stopped = loop.train_and_evaluate(config, str(tmp_path / "resumed"))
-    assert stopped["steps"] == STOP_AFTER
+    # The stop is agreed on at the step after the signal (the preemption sync point).
+    assert STOP_AFTER <= stopped["steps"] < RESUME_STEPS
     monkeypatch.undo()
     loop.train_and_evaluate(config, str(tmp_path / "resumed"))
 
