@@ -101,16 +101,7 @@ def fused_crop_batches(root: pathlib.Path, size: int) -> Iterator:
     def crop(index, path):
         raw = tf.io.read_file(path)
         seed = tf.stack([index, tf.constant(0, tf.int64)])
-        begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-            tf.io.extract_jpeg_shape(raw),
-            bounding_boxes=tf.zeros([0, 1, 4]),
-            seed=seed,
-            min_object_covered=0.0,
-            aspect_ratio_range=(3 / 4, 4 / 3),
-            area_range=(0.08, 1.0),
-            max_attempts=10,
-            use_image_if_no_bounding_boxes=True,
-        )
+        begin, crop_size = pipeline.inception_crop_window(tf.io.extract_jpeg_shape(raw), seed)
         window = tf.stack([begin[0], begin[1], crop_size[0], crop_size[1]])
         image = tf.image.decode_and_crop_jpeg(raw, window, channels=3)
         image = tf.image.convert_image_dtype(image, tf.float32)

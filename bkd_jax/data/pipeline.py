@@ -565,19 +565,26 @@ def _crop_flip(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
     return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
 
 
-def _inception_crop(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
-    """Random-resized crop (area 0.08..1, aspect 3/4..4/3) to size x size, random flip."""
-    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+def inception_crop_window(image_shape: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """`(begin, size)` of a random-resized crop (area 0.08..1, aspect 3/4..4/3) of an image
+    of `image_shape` (H, W, C), a function of `seed`."""
     begin, crop_shape, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image),
+        image_shape,
         bounding_boxes=tf.zeros([0, 1, 4]),
-        seed=crop_seed,
+        seed=seed,
         min_object_covered=0.0,
         aspect_ratio_range=(3 / 4, 4 / 3),
         area_range=(0.08, 1.0),
         max_attempts=10,
         use_image_if_no_bounding_boxes=True,
     )
+    return begin, crop_shape
+
+
+def _inception_crop(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
+    """Random-resized crop (`inception_crop_window`) to size x size, random flip."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    begin, crop_shape = inception_crop_window(tf.shape(image), crop_seed)
     image = _resize(tf.slice(image, begin, crop_shape), size)
     return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
 

@@ -416,12 +416,11 @@ def _train(
     for step in range(start + 1, total + 1):
         waited = time.monotonic()
         batch = next(batches)  # the transfers happen in here, outside the guard
-        profiler.before(step)
         with jax.transfer_guard("disallow"):
             data_seconds += time.monotonic() - waited
+            profiler.before(step)
             state, train_metrics = train_step(state, setup.teacher_vars, batch)
-        profiler.after(step, state)
-        with jax.transfer_guard("disallow"):
+            profiler.after(step, state)
             pending.append((step, train_metrics))
             logs = step % config.log_every_steps == 0 or step == total
             evaluates = step % eval_every == 0 or step == total
