@@ -117,6 +117,11 @@ class BlockNet:
       post_activation: whether block outputs are post-ReLU (ResNet v1, VGG, MobileNet,
         ShuffleNet) rather than pre-activation (WRN); connectors mirror it.
       input_channels: channels the stem expects (last axis of NHWC input).
+      input_size: the image side the network requires, when it is fixed (a ViT's position
+        embeddings); None when any size that survives the downsampling works.
+      prefix_tokens: for networks whose blocks output token sequences `(batch, tokens,
+        dim)` (ViT), how many leading tokens are not patches (the class token); the rest
+        are a square grid of patch tokens in row-major order. 0 for feature maps.
     """
 
     name: str
@@ -124,6 +129,8 @@ class BlockNet:
     head: nn.Module
     post_activation: bool = True
     input_channels: int = 3
+    input_size: int | None = None
+    prefix_tokens: int = 0
 
     @property
     def num_blocks(self) -> int:
@@ -144,6 +151,11 @@ class BlockNet:
             raise ValueError(
                 f"{self.name}: expected {self.input_channels} input channels (NHWC, channels "
                 f"last), got shape {x.shape}"
+            )
+        if self.input_size is not None and x.shape[1:3] != (self.input_size,) * 2:
+            raise ValueError(
+                f"{self.name}: expected {self.input_size}x{self.input_size} images, got "
+                f"shape {x.shape}"
             )
 
     def _check_index(self, i: int) -> None:
