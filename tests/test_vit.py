@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bkd_jax import blocknet, models
+from bkd_jax import blocknet, convert, models
 from bkd_jax.models import vit
 
 # timm's deit_{tiny,small,base}_patch16_224, 1000 classes (the DeiT paper, Table 1: 5M,
@@ -233,3 +233,147 @@ def test_taps_are_nhwc_maps_of_the_patch_tokens(small):
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), jit_taps, taps
     )
+
+
+# Conversion from timm's state dicts.
+
+
+def timm_layout(dim: int, depth: int, patch: int, image: int, classes: int):
+    """timm's VisionTransformer state-dict keys and shapes, written out from its layers."""
+    tokens = 1 + (image // patch) ** 2
+    layout = [
+        ("cls_token", (1, 1, dim)),
+        ("pos_embed", (1, tokens, dim)),
+        ("patch_embed.proj.weight", (dim, 3, patch, patch)),
+        ("patch_embed.proj.bias", (dim,)),
+    ]
+    linears = {"attn.qkv": (3 * dim, dim), "attn.proj": (dim, dim)}
+    linears |= {"mlp.fc1": (4 * dim, dim), "mlp.fc2": (dim, 4 * dim)}
+    for i in range(depth):
+        for norm in ("norm1", "norm2"):
+            layout += [(f"blocks.{i}.{norm}.weight", (dim,)), (f"blocks.{i}.{norm}.bias", (dim,))]
+        for name, (out, inp) in linears.items():
+            layout += [
+                (f"blocks.{i}.{name}.weight", (out, inp)),
+                (f"blocks.{i}.{name}.bias", (out,)),
+            ]
+    layout += [("norm.weight", (dim,)), ("norm.bias", (dim,))]
+    return [*layout, ("head.weight", (classes, dim)), ("head.bias", (classes,))]
+
+
+def random_timm_state_dict(layout, seed: int = 0) -> dict[str, np.ndarray]:
+    """Distinct random values; LayerNorm scales around 1, so that none is the identity."""
+    rng = np.random.default_rng(seed)
+    sd = {}
+    for key, shape in layout:
+        if "norm" in key and key.endswith("weight"):
+            sd[key] = rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        else:
+            scale = 1.0 if key in ("cls_token", "pos_embed") else 0.05
+            sd[key] = (scale * rng.standard_normal(shape)).astype(np.float32)
+    return sd
+
+
+def reference_forward(torch, sd, x, heads: int, patch: int):
+    """timm's ViT forward from the architecture, with torch.nn.functional: logits and the
+    final-normed class token."""
+    F = torch.nn.functional
+    w = {k: torch.from_numpy(np.asarray(v)).to(x.dtype) for k, v in sd.items()}
+    dim = w["cls_token"].shape[-1]
+    h = F.conv2d(x, w["patch_embed.proj.weight"], w["patch_embed.proj.bias"], stride=patch)
+    h = h.flatten(2).transpose(1, 2)  # (batch, patches, dim), patches row-major
+    h = torch.cat([w["cls_token"].expand(len(x), -1, -1), h], dim=1) + w["pos_embed"]
+    batch, tokens, _ = h.shape
+    depth = len({k.split(".")[1] for k in w if k.startswith("blocks.")})
+
+    def norm(t, name):
+        return F.layer_norm(t, (dim,), w[f"{name}.weight"], w[f"{name}.bias"], eps=1e-6)
+
+    def linear(t, name):
+        return F.linear(t, w[f"{name}.weight"], w[f"{name}.bias"])
+
+    for i in range(depth):
+        b = f"blocks.{i}"
+        qkv = linear(norm(h, f"{b}.norm1"), f"{b}.attn.qkv")
+        q, k, v = qkv.reshape(batch, tokens, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        attention = torch.softmax(q @ k.transpose(-2, -1) / (dim // heads) ** 0.5, dim=-1)
+        out = (attention @ v).transpose(1, 2).reshape(batch, tokens, dim)
+        h = h + linear(out, f"{b}.attn.proj")
+        mlp = F.gelu(linear(norm(h, f"{b}.norm2"), f"{b}.mlp.fc1"))  # exact (erf) GELU
+        h = h + linear(mlp, f"{b}.mlp.fc2")
+    pooled = norm(h, "norm")[:, 0]
+    return linear(pooled, "head"), pooled
+
+
+def _max_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def test_timm_layout_converts_exactly():
+    sd = random_timm_state_dict(timm_layout(192, 12, 4, 32, 10))
+    variables = convert.from_pytorch_state_dict("vit_tiny_cifar", sd)
+    block1, head = variables["params"]["block1"], variables["params"]["head"]
+    np.testing.assert_array_equal(block1["cls_token"], sd["cls_token"])
+    np.testing.assert_array_equal(block1["pos_embed"], sd["pos_embed"])
+    np.testing.assert_array_equal(
+        block1["patch_embed"]["proj"]["kernel"],
+        sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),
+    )
+    qkv = variables["params"]["block4"]["blocks_10"]["attn"]["qkv"]
+    np.testing.assert_array_equal(qkv["kernel"], sd["blocks.10.attn.qkv.weight"].T)
+    np.testing.assert_array_equal(qkv["bias"], sd["blocks.10.attn.qkv.bias"])
+    np.testing.assert_array_equal(
+        variables["params"]["block2"]["blocks_3"]["norm2"]["scale"], sd["blocks.3.norm2.weight"]
+    )
+    np.testing.assert_array_equal(head["norm"]["scale"], sd["norm.weight"])
+    np.testing.assert_array_equal(head["head"]["kernel"], sd["head.weight"].T)
+    assert sum(v.size for v in jax.tree.leaves(variables)) == sum(v.size for v in sd.values())
+
+
+def test_converted_vit_matches_the_reference_forward():
+    torch = pytest.importorskip("torch")
+    sd = random_timm_state_dict(timm_layout(192, 12, 4, 32, 10), seed=1)
+    variables = convert.from_pytorch_state_dict("vit_tiny_cifar", sd)
+    x = np.asarray(images(32, seed=2))
+    with torch.no_grad():
+        nchw = torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float64))
+        expected, expected_pooled = reference_forward(torch, sd, nchw, heads=3, patch=4)
+    net = models.get_model("vit_tiny_cifar", 10)
+    logits, taps = net.taps(variables, jnp.asarray(x))
+    diff = _max_diff(logits, expected.numpy())
+    print(f"vit_tiny_cifar: max |flax float32 - torch float64| of the logits = {diff:.2e}")
+    assert diff < 1e-4
+    assert _max_diff(taps.pooled, expected_pooled.numpy()) < 1e-4
+
+
+def test_a_checkpoint_of_another_size_is_refused_naming_the_keys():
+    sd = random_timm_state_dict(timm_layout(192, 12, 16, 224, 10))  # deit_tiny at 224 px
+    with pytest.raises(ValueError) as err:
+        convert.from_pytorch_state_dict("vit_tiny_cifar", sd)
+    message = str(err.value)
+    assert "2 shape mismatches" in message
+    assert "pos_embed: checkpoint (1, 197, 192), model (1, 65, 192)" in message
+    assert "patch_embed.proj.weight: checkpoint (192, 3, 16, 16), model (192, 3, 4, 4)" in message
+    del sd["blocks.11.attn.qkv.bias"]
+    with pytest.raises(ValueError, match=r"blocks\.11\.attn\.qkv\.bias \(576,\)"):
+        convert.from_pytorch_state_dict("vit_tiny", sd)
+
+
+def test_timm_deit_tiny_converts_to_vit_tiny():
+    """timm itself, where it imports: deit_tiny_patch16_224's own state dict and forward."""
+    timm = pytest.importorskip("timm")
+    torch = pytest.importorskip("torch")
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    assert sum(p.numel() for p in model.parameters()) == DEIT_PARAMS["vit_tiny"]
+    layout = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
+    assert sorted(layout) == sorted(timm_layout(192, 12, 16, 224, 1000))
+    for p in model.parameters():  # timm's init leaves biases and the class token near zero
+        p.data.add_(0.02 * torch.randn_like(p))
+    variables = convert.from_pytorch_state_dict("vit_tiny", model.state_dict())
+    x = np.asarray(images(224, batch=1, seed=3))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    logits = models.get_model("vit_tiny", 1000).apply(variables, jnp.asarray(x))
+    diff = _max_diff(logits, expected)
+    print(f"deit_tiny_patch16_224: max |flax - timm| of the logits = {diff:.2e}")
+    assert diff < 1e-4
