@@ -377,3 +377,22 @@ def test_timm_deit_tiny_converts_to_vit_tiny():
     diff = _max_diff(logits, expected)
     print(f"deit_tiny_patch16_224: max |flax - timm| of the logits = {diff:.2e}")
     assert diff < 1e-4
+
+
+def test_command_line_converts_a_timm_file(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    from bkd_jax.training import checkpointing
+
+    sd = random_timm_state_dict(timm_layout(192, 12, 4, 32, 10), seed=4)
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "vit.pth")
+    out = tmp_path / "vit_tiny_cifar"
+    convert.main(["--model", "vit_tiny_cifar", "--input", str(tmp_path / "vit.pth"),
+                  "--output", str(out)])  # fmt: skip
+    assert "vit_tiny_cifar (10 classes)" in capsys.readouterr().out
+    variables, metadata = checkpointing.load_variables(out)
+    assert metadata["model"] == "vit_tiny_cifar"
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        variables,
+        convert.from_pytorch_state_dict("vit_tiny_cifar", sd),
+    )
