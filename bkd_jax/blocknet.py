@@ -69,6 +69,16 @@ def tap(module: nn.Module, name: str, value: jax.Array | Callable[[], jax.Array]
         module.sow(TAPS, name, value() if callable(value) else value)
 
 
+def grid_side(tokens: int, prefix_tokens: int) -> int:
+    """The side g of the patch grid in a sequence of `prefix_tokens + g*g` tokens."""
+    g = math.isqrt(max(tokens - prefix_tokens, 0))
+    if g == 0 or g * g != tokens - prefix_tokens:
+        raise ValueError(
+            f"{tokens} tokens less {prefix_tokens} prefix tokens are not a square grid of patches"
+        )
+    return g
+
+
 def patch_grid(tokens: jax.Array, prefix_tokens: int) -> jax.Array:
     """The patch tokens of `(batch, prefix_tokens + g*g, dim)` as a `(batch, g, g, dim)` map.
 
@@ -78,11 +88,7 @@ def patch_grid(tokens: jax.Array, prefix_tokens: int) -> jax.Array:
     if tokens.ndim != 3:
         raise ValueError(f"expected tokens (batch, tokens, dim), got shape {tokens.shape}")
     batch, count, dim = tokens.shape
-    g = math.isqrt(max(count - prefix_tokens, 0))
-    if g * g != count - prefix_tokens or g == 0:
-        raise ValueError(
-            f"{count} tokens less {prefix_tokens} prefix tokens are not a square grid of patches"
-        )
+    g = grid_side(count, prefix_tokens)
     return tokens[:, prefix_tokens:].reshape(batch, g, g, dim)
 
 

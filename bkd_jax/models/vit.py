@@ -48,6 +48,7 @@ dense_init = nn.initializers.truncated_normal(0.02)
 patch_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 cls_init = nn.initializers.normal(1e-6)
 LN_EPSILON = 1e-6  # timm's ViT: norm_layer = partial(nn.LayerNorm, eps=1e-6)
+PREFIX_TOKENS = 1  # the class token, ahead of the patch tokens
 
 
 def _dense(features: int, dtype: jnp.dtype, name: str) -> nn.Dense:
@@ -147,7 +148,7 @@ class LayerGroup(nn.Module):
             x = EncoderLayer(self.dim, self.heads, self.mlp_hidden, self.dtype, name=f"blocks_{i}")(
                 x
             )
-        tap(self, PREACT, lambda: patch_grid(x, 1))
+        tap(self, PREACT, lambda: patch_grid(x, PREFIX_TOKENS))
         return x
 
     def _embed(self, images: jax.Array) -> jax.Array:
@@ -159,7 +160,7 @@ class LayerGroup(nn.Module):
         cls = jnp.broadcast_to(cls_token.astype(self.dtype), (batch, 1, dim))
         tokens = jnp.concatenate([cls, grid.reshape(batch, g * g, dim)], axis=1)
         tokens = tokens + pos_embed.astype(self.dtype)
-        tap(self, STEM, lambda: patch_grid(tokens, 1))
+        tap(self, STEM, lambda: patch_grid(tokens, PREFIX_TOKENS))
         return tokens
 
 
@@ -224,7 +225,7 @@ def vision_transformer(
         post_activation=False,
         input_channels=in_channels,
         input_size=image_size,
-        prefix_tokens=1,
+        prefix_tokens=PREFIX_TOKENS,
     )
 
 
