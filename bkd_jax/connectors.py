@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,7 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bkd_jax.blocknet import BlockNet, Variables, apply_part, with_part
+from bkd_jax.blocknet import BlockNet, Variables, apply_part, grid_side, patch_grid, with_part
 from bkd_jax.models.layers import batch_norm, conv
 
 Grouping = tuple[tuple[int, ...], tuple[int, ...]]
@@ -86,14 +85,6 @@ def _check_cuts(cuts: Sequence[int], net: BlockNet, role: str) -> None:
         )
 
 
-def split_tokens(x: jax.Array, prefix: int) -> tuple[jax.Array, jax.Array]:
-    """`(batch, prefix + g*g, D)` tokens -> the prefix `(batch, prefix, D)` and the patch
-    grid `(batch, g, g, D)` (row-major)."""
-    batch, tokens, dim = x.shape
-    side = math.isqrt(tokens - prefix)
-    return x[:, :prefix], x[:, prefix:].reshape(batch, side, side, dim)
-
-
 def space_to_depth(x: jax.Array, factor: int) -> jax.Array:
     """NHWC `x` -> (N, H/f, W/f, f*f*C): each f x f patch's pixels, row-major, on channels."""
     n, h, w, c = x.shape
@@ -127,7 +118,7 @@ class ConvConnector(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if self.in_prefix is not None:
-            x = split_tokens(x, self.in_prefix)[1]
+            x = patch_grid(x, self.in_prefix)
         x = _resize(x, self.out_shape[:2], self.upsampling)
         x = conv(self.out_shape[2], 1, dtype=self.dtype, name="conv")(x)
         x = batch_norm(train, dtype=self.dtype, name="bn")(x)
@@ -148,10 +139,10 @@ class TokenConnector(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train
         (tokens, dim), out_prefix = self.out_tokens, self.out_prefix
-        side = math.isqrt(tokens - out_prefix)
+        side = grid_side(tokens, out_prefix)
         prefix = None
         if self.in_prefix is not None:
-            prefix, x = split_tokens(x, self.in_prefix)
+            prefix, x = x[:, : self.in_prefix], patch_grid(x, self.in_prefix)
         patchify = self.patchify and self.in_prefix is None
         x = _resize(x, (side, side), self.upsampling, patchify)
         x = x.reshape(x.shape[0], side * side, x.shape[3])
@@ -182,11 +173,11 @@ def _spatial_misfit(src: tuple[int, ...], dst: tuple[int, ...], upsampling: str)
 
 def _grid(shape: tuple[int, ...], prefix: int) -> tuple[tuple[int, int, int] | None, str | None]:
     """The (g, g, D) patch grid of a (T, D) token shape with `prefix` tokens, or why not."""
-    tokens, dim = shape
-    side = math.isqrt(max(tokens - prefix, 0))
-    if tokens <= prefix or side * side != tokens - prefix:
-        return None, f"{tokens} tokens less {prefix} prefix tokens are not a square patch grid"
-    return (side, side, dim), None
+    try:
+        side = grid_side(shape[0], prefix)
+    except ValueError as e:
+        return None, str(e)
+    return (side, side, shape[1]), None
 
 
 def _connector(

@@ -7,11 +7,22 @@ a matrix product, LayerNorm with eps 1e-6).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
+from conftest import images
+from test_blockwise import grad_norm, manual_stone
 
-from bkd_jax.connectors import ConvConnector, TokenConnector
+from bkd_jax import config_defaults, distillers, models, steps
+from bkd_jax.blockwise import stepping_stones
+from bkd_jax.connectors import ConvConnector, TokenConnector, _connector, make_connectors
+from bkd_jax.models.vit import vision_transformer
 
 
 def _np(x) -> np.ndarray:
@@ -110,3 +121,161 @@ def test_tokens_to_map_drops_the_prefix_and_reads_the_grid():
     bn = variables["params"]["bn"]
     want = np.maximum(conv / np.sqrt(1 + 1e-5) * _np(bn["scale"]) + _np(bn["bias"]), 0)
     np.testing.assert_allclose(_np(y), want, atol=1e-5)
+
+
+SIZE = 16  # image side of the pairs below: resnet8's blocks output 16, 8 and 4 pixels
+# XLA:CPU compiles these small steps about twice as fast without its LLVM optimisations.
+fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+
+def tiny_vit(patch: int = 4, dim: int = 16, name: str = "vit_test"):
+    """A 3-layer ViT in 3 blocks (resnet8's count) on 16-pixel images."""
+    return vision_transformer(
+        10, image_size=SIZE, patch_size=patch, dim=dim, depth=3, heads=2, mlp_ratio=2,
+        groups=3, name=name,
+    )  # fmt: skip
+
+
+PAIRS = {  # (teacher, student) and the kind of each connector
+    "vit->vit": (lambda: tiny_vit(), lambda: tiny_vit(2, 8, "vit_p2"), ("tokens",) * 3),
+    "resnet8->vit": (lambda: models.get_model("resnet8", 10), tiny_vit, ("grid",) * 3),
+    "vit->resnet8": (tiny_vit, lambda: models.get_model("resnet8", 10), ("patchify",) * 3),
+}
+
+
+@functools.cache
+def build_pair(name: str):
+    make_teacher, make_student, _ = PAIRS[name]
+    teacher, student = make_teacher(), make_student()
+    x = images(2, SIZE)
+    conns = make_connectors(student, teacher, x.shape)
+    variables = (
+        teacher.init(jax.random.key(1, impl="rbg"), x),
+        student.init(jax.random.key(2, impl="rbg"), x),
+        conns.init(jax.random.key(3, impl="rbg")),
+    )
+    return teacher, student, conns, variables, x
+
+
+@pytest.mark.parametrize("name", PAIRS)
+def test_stones_of_vit_pairs_compose_and_take_gradients_exactly_below_each_cut(name):
+    teacher, student, conns, (tv, sv, cv), x = build_pair(name)
+    assert conns.kinds == PAIRS[name][2]
+    n = conns.num_stones
+    t_feats = jax.eval_shape(lambda: teacher.features(tv, x)[1])
+    s_feats = jax.eval_shape(lambda: student.features(sv, x)[1])
+    for i in range(1, n + 1):  # each connector makes what the teacher's next block reads
+        h = s_feats[conns.student_cuts[i - 1] - 1]
+        y = jax.eval_shape(lambda h, i=i: conns.apply(cv, i, h), h)
+        assert y.shape == t_feats[conns.teacher_cuts[i - 1] - 1].shape
+    stones = range(1, n + 1)
+
+    @fast_jit
+    def both(variables):
+        out = stepping_stones(student, variables[1], teacher, variables[0], conns, variables[2],
+                              x, stones=stones, train=False)  # fmt: skip
+        by_hand = [manual_stone(teacher, student, conns, variables, x, i) for i in stones]
+        return out.stone_logits, by_hand
+
+    logits, by_hand = both((tv, sv, cv))
+    for i in stones:
+        np.testing.assert_allclose(logits[i], by_hand[i - 1], rtol=1e-4, atol=1e-4)
+    probe = jax.random.normal(jax.random.key(4), logits[1].shape)
+    teacher_before = jax.tree.map(np.asarray, tv)
+
+    def weighted(trainable, w):
+        s_params, c_params = trainable
+        out = stepping_stones(
+            student, {**sv, "params": s_params}, teacher, tv, conns, {**cv, "params": c_params},
+            x, stones=stones, train=True,
+        )  # fmt: skip
+        return sum(w[i - 1] * jnp.sum(out.stone_logits[i] * probe) for i in range(1, n + 1))
+
+    jacobian_row = fast_jit(jax.grad(weighted))
+    for i, unit in enumerate(jnp.eye(n), 1):
+        s_grads, c_grads = jacobian_row((sv["params"], cv["params"]), unit)
+        for k in range(1, student.num_blocks + 1):
+            norm = grad_norm(s_grads[f"block{k}"])
+            assert (norm > 0) == (k <= conns.student_cuts[i - 1]), (i, k, norm)
+        assert grad_norm(s_grads["head"]) == 0
+        for j in range(1, n + 1):
+            assert (grad_norm(c_grads[f"connector{j}"]) > 0) == (j == i), (i, j)
+    jax.tree.map(np.testing.assert_array_equal, tv, teacher_before)
+
+
+def _one_step(name: str, method: str, **knobs):
+    """One jitted train step of `method` on pair `name`: (state before, after, metrics)."""
+    teacher, student, _, (tv, _, _), x = build_pair(name)
+    batch = {"image": x, "label": jnp.array([0, 9], jnp.int32), "index": jnp.arange(2)}
+    cfg = config_defaults.distill_config(method)
+    cfg[method].update(knobs)
+    distiller = distillers.make_distiller(cfg, student, teacher, x.shape, num_examples=4)
+    optimizer = optax.adam(1e-3)
+    state = steps.create_train_state(distiller, optimizer, jax.random.key(5), x)
+    step = fast_jit(steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(1.0)))
+    new_state, metrics = step(state, tv, batch)
+    return state, new_state, metrics
+
+
+def _assert_trains(state, new_state, metrics) -> None:
+    assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 1
+    before, after = state.params["student"], new_state.params["student"]
+    changed = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), before, after)
+    assert all(jax.tree.leaves(changed["block1"])), "student block 1 did not move"
+
+
+@pytest.mark.parametrize("method", distillers.available())
+def test_every_method_trains_a_vit_student_from_a_cnn_teacher(method):
+    _assert_trains(*_one_step("resnet8->vit", method))
+
+
+@pytest.mark.parametrize("name", ["vit->vit", "vit->resnet8"])
+@pytest.mark.parametrize("method", ["kd", "dkd", "blockkd"])
+def test_logit_methods_and_block_kd_train_from_a_vit_teacher(name, method):
+    _assert_trains(*_one_step(name, method))
+
+
+def test_methods_that_cannot_take_a_vit_pair_say_so_when_built():
+    teacher, student, *_ = build_pair("vit->resnet8")
+    shape = (2, SIZE, SIZE, 3)
+    with pytest.raises(ValueError, match="ofd: no margins for a vit_test teacher"):
+        distillers.make_distiller({"method": "ofd"}, student, teacher, shape)
+    four = vision_transformer(10, image_size=SIZE, dim=16, depth=4, heads=2, patch_size=4)
+    with pytest.raises(ValueError, match="reviewkd pairs each student stage"):
+        distillers.make_distiller({"method": "reviewkd"}, student, four, shape)
+
+
+def test_connector_knob_pools_instead_of_patchifying_and_needs_a_map_to_tokens_cut():
+    teacher, student, *_ = build_pair("vit->resnet8")
+    shape = (2, SIZE, SIZE, 3)
+    cfg = config_defaults.distill_config("blockkd")
+    cfg.blockkd.connector = "pool"
+    pooled = distillers.make_distiller(cfg, student, teacher, shape).modules.connectors
+    assert pooled.kinds == ("pool",) * 3
+    kernels = [pooled.init(jax.random.key(0))["params"][f"connector{i}"] for i in (1, 2, 3)]
+    # resnet8's 16, 32 and 64 channels, not times 16 and 4 as patchify would make them.
+    assert [k["proj"]["kernel"].shape for k in kernels] == [(16, 16), (32, 16), (64, 16)]
+    with pytest.raises(ValueError, match=r"connector='pool' .* no cut of resnet8 to resnet8"):
+        make_connectors(student, student, shape, connector="pool")
+    with pytest.raises(ValueError, match="connector must be one of"):
+        make_connectors(student, teacher, shape, connector="resize")
+
+
+def test_unconnectable_vit_pairs_are_rejected_naming_the_stone_and_blocks():
+    resnet8 = models.get_model("resnet8", 10)
+    # At 24 pixels resnet8's blocks output 24, 12 and 6 pixels; 6 is no multiple of 4.
+    vit24 = vision_transformer(10, image_size=24, patch_size=6, dim=16, depth=3, heads=2,
+                               groups=3, name="vit24")  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"stone 3: resnet8 block 3 output \(6, 6, 64\) -> vit24 block 3 output \(17, 16\): "
+        r"6x6 does not patchify or pool to 4x4",
+    ):
+        make_connectors(resnet8, vit24, (2, 24, 24, 3))
+    wrong = dataclasses.replace(tiny_vit(), prefix_tokens=2)  # 17 tokens: 2 + 15 patches
+    with pytest.raises(ValueError, match=r"stone 1: vit_test block 1 output .*not a square grid"):
+        make_connectors(wrong, resnet8, (2, SIZE, SIZE, 3))
+    two = types.SimpleNamespace(prefix_tokens=2, post_activation=False)
+    one = types.SimpleNamespace(prefix_tokens=1, post_activation=False)
+    kind, _, why = _connector((17, 8), (18, 8), one, two, "auto", "nearest", jnp.float32)
+    assert kind == "tokens" and why == "the student's 1 prefix tokens cannot make the teacher's 2"
