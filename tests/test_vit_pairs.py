@@ -16,13 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import test_recipes
 from conftest import images
 from test_blockwise import grad_norm, manual_stone
 
-from bkd_jax import config_defaults, distillers, models, steps
+from bkd_jax import config_defaults, distillers, models, optim, steps
 from bkd_jax.blockwise import stepping_stones
 from bkd_jax.connectors import ConvConnector, TokenConnector, _connector, make_connectors
 from bkd_jax.models.vit import vision_transformer
+from bkd_jax.training.validation import validate_config
 
 
 def _np(x) -> np.ndarray:
@@ -279,3 +281,33 @@ def test_unconnectable_vit_pairs_are_rejected_naming_the_stone_and_blocks():
     one = types.SimpleNamespace(prefix_tokens=1, post_activation=False)
     kind, _, why = _connector((17, 8), (18, 8), one, two, "auto", "nearest", jnp.float32)
     assert kind == "tokens" and why == "the student's 1 prefix tokens cannot make the teacher's 2"
+
+
+def test_the_cifar100_vit_recipe_validates_builds_and_decays_only_weight_matrices():
+    (pair,) = test_recipes.config_module("cifar100_vit").PAIRS
+    for method in distillers.available():
+        config = test_recipes.recipe("cifar100_vit", pair, method)
+        validate_config(config)
+        if method == "reviewkd":  # 4 ViT blocks against resnet32x4's 3 stages
+            with pytest.raises(ValueError, match="reviewkd pairs each student stage"):
+                test_recipes.build(config)
+        elif "stones" not in distillers.get(method).consumes:  # Block-KD: traced below
+            test_recipes.build(config)
+    config = test_recipes.recipe("cifar100_vit", pair, "blockkd")
+    o = config.optim
+    assert (o.name, o.schedule, o.weight_decay, o.warmup_epochs, o.min_learning_rate) == (
+        "adamw", "cosine", 0.05, 5.0, 1e-5,
+    )  # fmt: skip
+    assert o.learning_rate == 5e-4 * config.global_batch_size / 512 and config.num_epochs == 300
+    distiller, *_ = test_recipes.build(config)
+    connectors = distiller.modules.connectors
+    assert connectors.kinds == ("grid",) * 3 and connectors.student_cuts == (2, 3, 4)
+    _, metrics = test_recipes.train_step_shapes(config)
+    assert metrics["loss"].shape == ()
+    params = jax.eval_shape(distiller.student.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    mask = optim.decay_mask(params["params"])
+    block1 = mask["block1"]
+    assert not block1["cls_token"] and not block1["pos_embed"]
+    assert block1["patch_embed"]["proj"]["kernel"] and not block1["patch_embed"]["proj"]["bias"]
+    layer = block1["blocks_0"]
+    assert layer["attn"]["qkv"]["kernel"] and not layer["norm1"]["scale"]
