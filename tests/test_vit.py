@@ -396,3 +396,14 @@ def test_command_line_converts_a_timm_file(tmp_path, capsys):
         variables,
         convert.from_pytorch_state_dict("vit_tiny_cifar", sd),
     )
+
+
+def test_patch_grid_folds_the_tokens_after_the_prefix_row_major():
+    tokens = jnp.arange(2 * 10 * 5).reshape(2, 10, 5)  # a class token and 3 x 3 patches
+    grid = blocknet.patch_grid(tokens, 1)
+    assert grid.shape == (2, 3, 3, 5)
+    np.testing.assert_array_equal(grid[1, 2, 0], tokens[1, 1 + 2 * 3 + 0])
+    with pytest.raises(ValueError, match="10 tokens less 2 prefix tokens are not a square grid"):
+        blocknet.patch_grid(tokens, 2)
+    with pytest.raises(ValueError, match=r"expected tokens \(batch, tokens, dim\)"):
+        blocknet.patch_grid(tokens[0], 1)

@@ -42,9 +42,11 @@ from bkd_jax.blocknet import POOLED, PREACT, STEM, BlockNet, patch_grid, tap
 
 # timm's `init_weights_vit_timm` (timm/models/vision_transformer.py): Linear weights
 # trunc_normal_(std=.02), biases zero; `VisionTransformer.init_weights`: pos_embed
-# trunc_normal_(std=.02), cls_token normal_(std=1e-6). The patch convolution keeps
-# PyTorch's default, kaiming_uniform_(a=sqrt(5)): uniform with variance 1 / (3 fan_in).
-dense_init = nn.initializers.truncated_normal(0.02)
+# trunc_normal_(std=.02), cls_token normal_(std=1e-6). trunc_normal_'s bounds are absolute
+# (+-2), a hundred standard deviations out, so the draw is a plain normal(0.02). The patch
+# convolution keeps PyTorch's default, kaiming_uniform_(a=sqrt(5)): uniform with variance
+# 1 / (3 fan_in).
+dense_init = nn.initializers.normal(0.02)
 patch_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 cls_init = nn.initializers.normal(1e-6)
 LN_EPSILON = 1e-6  # timm's ViT: norm_layer = partial(nn.LayerNorm, eps=1e-6)
@@ -145,9 +147,10 @@ class LayerGroup(nn.Module):
         if self.patch is not None:
             x = self._embed(x)
         for i in range(self.first, self.first + self.count):
-            x = EncoderLayer(self.dim, self.heads, self.mlp_hidden, self.dtype, name=f"blocks_{i}")(
-                x
+            layer = EncoderLayer(
+                self.dim, self.heads, self.mlp_hidden, self.dtype, name=f"blocks_{i}"
             )
+            x = layer(x)
         tap(self, PREACT, lambda: patch_grid(x, PREFIX_TOKENS))
         return x
 
