@@ -92,7 +92,9 @@ def space_to_depth(x: jax.Array, factor: int) -> jax.Array:
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, h // factor, w // factor, factor**2 * c)
 
 
-def _resize(x: jax.Array, hw: tuple[int, int], upsampling: str, patchify: bool = False):
+def _resize(
+    x: jax.Array, hw: tuple[int, int], upsampling: str, patchify: bool = False
+) -> jax.Array:
     """NHWC `x` to spatial size `hw`: pooled (or space-to-depth) when larger, else resized."""
     (h, w), (th, tw) = x.shape[1:3], hw
     if h > th:
