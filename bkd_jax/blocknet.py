@@ -17,6 +17,7 @@ normal path computes exactly what it did without them.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -46,7 +47,9 @@ class Taps(NamedTuple):
     of the network's native blocks (stages), `preact` are `preact_feats[1:]`, those
     outputs before their final ReLU, and `pooled` is `pooled_feat`, the embedding fed to
     the classifier. The model docstrings say what each family records where its blocks
-    end without a ReLU.
+    end without a ReLU. For networks whose blocks output token sequences (`prefix_tokens`
+    set), `blocks` hold the blocks' patch tokens as maps (`patch_grid`), and the parts
+    record `stem` and `preact` as such maps, so that every feature method reads NHWC.
     """
 
     stem: jax.Array
@@ -64,6 +67,29 @@ def tap(module: nn.Module, name: str, value: jax.Array | Callable[[], jax.Array]
     """
     if module.is_mutable_collection(TAPS):
         module.sow(TAPS, name, value() if callable(value) else value)
+
+
+def grid_side(tokens: int, prefix_tokens: int) -> int:
+    """The side g of the patch grid in a sequence of `prefix_tokens + g*g` tokens."""
+    g = math.isqrt(max(tokens - prefix_tokens, 0))
+    if g == 0 or g * g != tokens - prefix_tokens:
+        raise ValueError(
+            f"{tokens} tokens less {prefix_tokens} prefix tokens are not a square grid of patches"
+        )
+    return g
+
+
+def patch_grid(tokens: jax.Array, prefix_tokens: int) -> jax.Array:
+    """The patch tokens of `(batch, prefix_tokens + g*g, dim)` as a `(batch, g, g, dim)` map.
+
+    The tokens after the `prefix_tokens` leading ones (a class token) are a square grid in
+    row-major order, as a ViT's patch embedding lays them out.
+    """
+    if tokens.ndim != 3:
+        raise ValueError(f"expected tokens (batch, tokens, dim), got shape {tokens.shape}")
+    batch, count, dim = tokens.shape
+    g = grid_side(count, prefix_tokens)
+    return tokens[:, prefix_tokens:].reshape(batch, g, g, dim)
 
 
 def _part(variables: Variables, name: str) -> dict[str, Any]:
@@ -229,7 +255,9 @@ class BlockNet:
     def tapped_features(self, variables: Variables, x: jax.Array, *, train: bool = False):
         """`(logits, [f_1..f_n], taps)` of one pass, plus variables when `train`.
 
-        `f_i` are the outputs of this BlockNet's blocks, as `features` returns them.
+        `f_i` are the outputs of this BlockNet's blocks, as `features` returns them; the
+        `blocks` taps are the same, except for token networks (`prefix_tokens`), whose
+        `blocks` taps are their patch tokens as maps (`patch_grid`).
 
         Block 1 records the `stem`, the head `pooled`; each native block's output is a
         `blocks` entry, with its `preact` recorded by the block itself or, as
@@ -253,7 +281,9 @@ class BlockNet:
                 if i == 0:
                     continue
                 raise ValueError(f"{self.name}: {name} records no pre-activation")
-            blocks.append(outputs[i])
+            blocks.append(
+                patch_grid(outputs[i], self.prefix_tokens) if self.prefix_tokens else outputs[i]
+            )
             preact.append(own if own is not None else given)
         for part, key in ((0, STEM), (-1, POOLED)):
             if key not in recorded[part]:

@@ -44,7 +44,7 @@ def distill_config(method: str) -> ml_collections.ConfigDict:
 def optim_config(learning_rate: float, decay_epochs, weight_decay: float):
     return ml_collections.ConfigDict(
         {
-            "name": "sgd",  # sgd | dot (a method may require one: dot requires dot)
+            "name": "sgd",  # sgd | dot | adamw (a method may require one: dot requires dot)
             "learning_rate": learning_rate,
             "schedule": "step",  # step (mdistiller's) | cosine; see bkd_jax/optim.py
             "momentum": 0.9,
@@ -53,6 +53,12 @@ def optim_config(learning_rate: float, decay_epochs, weight_decay: float):
             "decay_epochs": tuple(decay_epochs),  # learning rate x decay_factor at each
             "decay_factor": 0.1,
             "warmup_epochs": 0.0,  # linear learning-rate warm-up
+            "min_learning_rate": 0.0,  # where the cosine schedule ends
+            # AdamW's (PyTorch's and optax's defaults, which DeiT keeps: facebookresearch/deit
+            # main.py --opt-betas None, --opt-eps 1e-8).
+            "b1": 0.9,
+            "b2": 0.999,
+            "eps": 1e-8,
             "dot_delta": 0.075,  # DOT's momentum split (mdistiller engine/cfg.py CFG.SOLVER.DOT)
         }
     )

@@ -1,10 +1,29 @@
 """Connectors: adapters from a student's block output to a teacher block's input.
 
 Connector C_i maps the student's feature at cut i to the shape the teacher's remaining
-blocks (or head, for i = n) expect: spatial adaptation first (average pooling when the
-student map is larger, nearest or bilinear upsampling when it is smaller), then a 1x1
-convolution without bias and BatchNorm, then ReLU when the teacher's block outputs are
-post-activation.
+blocks (or head, for i = n) expect. Block outputs are feature maps (H, W, C) or, for
+networks with `BlockNet.prefix_tokens`, token sequences (T, D): the prefix tokens (a ViT's
+class token) first, then a square g x g grid of patch tokens in row-major order. The kind
+of C_i follows from the two shapes at the cut:
+
+- map -> map (`ConvConnector`): spatial adaptation first (average pooling when the student
+  map is larger, nearest or bilinear upsampling when it is smaller), then a 1x1
+  convolution without bias and BatchNorm, then ReLU when the teacher's block outputs are
+  post-activation.
+- tokens -> map (`ConvConnector` with `in_prefix`): the prefix tokens dropped, the patch
+  tokens laid out as their (g, g, D) grid, then the map -> map path.
+- map -> tokens (`TokenConnector`): the map brought to the teacher's grid, by
+  space-to-depth with an integer factor (`patchify`, a ViT patch embedding on features:
+  every activation kept) or by average pooling (`pool`), upsampled when it is smaller;
+  a Dense layer to the teacher's width per patch; the teacher's prefix tokens are the mean
+  of those patch tokens plus a learned offset per token (zero at first), so the class
+  token the teacher's head reads is a function of the student's features; LayerNorm.
+- tokens -> tokens (`TokenConnector`): the patch grid pooled or upsampled to the
+  teacher's, the prefix tokens carried over (the first ones, when the student has more;
+  made as for a map when it has none), a Dense layer and LayerNorm per token.
+
+`make_connectors(..., connector=...)` chooses how maps become tokens: "auto" (patchify) or
+explicitly "patchify" or "pool".
 
 Cuts. Block-KD needs both networks cut into the same number n of blocks. When their
 native block counts differ, a *grouping* says which native block ends each Block-KD block:
@@ -24,11 +43,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bkd_jax.blocknet import BlockNet, Variables, apply_part, with_part
+from bkd_jax.blocknet import BlockNet, Variables, apply_part, grid_side, patch_grid, with_part
 from bkd_jax.models.layers import batch_norm, conv
 
 Grouping = tuple[tuple[int, ...], tuple[int, ...]]
 UPSAMPLING = ("nearest", "bilinear")
+CONNECTORS = ("auto", "patchify", "pool")  # how feature maps become tokens; auto: patchify
 
 
 def block_output_shapes(net: BlockNet, input_shape: Sequence[int]) -> list[tuple[int, ...]]:
@@ -65,24 +85,78 @@ def _check_cuts(cuts: Sequence[int], net: BlockNet, role: str) -> None:
         )
 
 
+def space_to_depth(x: jax.Array, factor: int) -> jax.Array:
+    """NHWC `x` -> (N, H/f, W/f, f*f*C): each f x f patch's pixels, row-major, on channels."""
+    n, h, w, c = x.shape
+    x = x.reshape(n, h // factor, factor, w // factor, factor, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, h // factor, w // factor, factor**2 * c)
+
+
+def _resize(
+    x: jax.Array, hw: tuple[int, int], upsampling: str, patchify: bool = False
+) -> jax.Array:
+    """NHWC `x` to spatial size `hw`: pooled (or space-to-depth) when larger, else resized."""
+    (h, w), (th, tw) = x.shape[1:3], hw
+    if h > th:
+        factor = (h // th, w // tw)
+        return space_to_depth(x, factor[0]) if patchify else nn.avg_pool(x, factor, factor)
+    if h < th:
+        return jax.image.resize(x, (x.shape[0], th, tw, x.shape[3]), upsampling)
+    return x
+
+
 class ConvConnector(nn.Module):
-    """Spatial adaptation, 1x1 convolution, BatchNorm and optional ReLU."""
+    """Spatial adaptation, 1x1 convolution, BatchNorm and optional ReLU.
+
+    With `in_prefix`, the input is a token sequence: its patch grid is the map.
+    """
 
     out_shape: tuple[int, int, int]  # (H, W, C) the teacher expects
     relu: bool
     upsampling: str = "nearest"
     dtype: jnp.dtype = jnp.float32
+    in_prefix: int | None = None  # prefix tokens of a token-sequence input; None for a map
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        (h, w), (th, tw, channels) = x.shape[1:3], self.out_shape
-        if h > th:
-            x = nn.avg_pool(x, (h // th, w // tw), (h // th, w // tw))
-        elif h < th:
-            x = jax.image.resize(x, (x.shape[0], th, tw, x.shape[3]), self.upsampling)
-        x = conv(channels, 1, dtype=self.dtype, name="conv")(x)
+        if self.in_prefix is not None:
+            x = patch_grid(x, self.in_prefix)
+        x = _resize(x, self.out_shape[:2], self.upsampling)
+        x = conv(self.out_shape[2], 1, dtype=self.dtype, name="conv")(x)
         x = batch_norm(train, dtype=self.dtype, name="bn")(x)
         return nn.relu(x) if self.relu else x
+
+
+class TokenConnector(nn.Module):
+    """A student map or token sequence -> the teacher's tokens (module docstring)."""
+
+    out_tokens: tuple[int, int]  # (T, D) the teacher expects
+    out_prefix: int  # of those T, the teacher's prefix tokens
+    in_prefix: int | None = None  # prefix tokens of a token-sequence input; None for a map
+    patchify: bool = True  # a larger map: space-to-depth (True) or average pooling
+    upsampling: str = "nearest"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        del train
+        (tokens, dim), out_prefix = self.out_tokens, self.out_prefix
+        side = grid_side(tokens, out_prefix)
+        prefix = None
+        if self.in_prefix is not None:
+            prefix, x = x[:, : self.in_prefix], patch_grid(x, self.in_prefix)
+        patchify = self.patchify and self.in_prefix is None
+        x = _resize(x, (side, side), self.upsampling, patchify)
+        x = x.reshape(x.shape[0], side * side, x.shape[3])
+        carried = bool(self.in_prefix) and self.in_prefix >= out_prefix
+        if carried:
+            x = jnp.concatenate([prefix[:, :out_prefix], x], axis=1)
+        x = nn.Dense(dim, dtype=self.dtype, name="proj")(x)
+        if out_prefix and not carried:
+            offset = self.param("prefix_offset", nn.initializers.zeros, (out_prefix, dim))
+            made = jnp.mean(x, axis=1, keepdims=True) + offset.astype(x.dtype)
+            x = jnp.concatenate([made, x], axis=1)
+        return nn.LayerNorm(dtype=self.dtype, name="norm")(x)
 
 
 def _spatial_misfit(src: tuple[int, ...], dst: tuple[int, ...], upsampling: str) -> str | None:
@@ -99,6 +173,56 @@ def _spatial_misfit(src: tuple[int, ...], dst: tuple[int, ...], upsampling: str)
     return None
 
 
+def _grid(shape: tuple[int, ...], prefix: int) -> tuple[tuple[int, int, int] | None, str | None]:
+    """The (g, g, D) patch grid of a (T, D) token shape with `prefix` tokens, or why not."""
+    try:
+        side = grid_side(shape[0], prefix)
+    except ValueError as e:
+        return None, str(e)
+    return (side, side, shape[1]), None
+
+
+def _connector(
+    src: tuple[int, ...],
+    dst: tuple[int, ...],
+    student: BlockNet,
+    teacher: BlockNet,
+    connector: str,
+    upsampling: str,
+    dtype: jnp.dtype,
+) -> tuple[str, nn.Module | None, str | None]:
+    """`(kind, C, misfit)` for a student output of shape `src` into a teacher's `dst`.
+
+    kind is "conv" (map -> map), "grid" (tokens -> map), "patchify" or "pool" (map ->
+    tokens), or "tokens" (tokens -> tokens); misfit, when not None, says why C cannot work.
+    """
+    if {len(src), len(dst)} - {2, 3}:
+        return "", None, f"shapes {src} -> {dst} are neither (H, W, C) maps nor (T, D) tokens"
+    s_prefix = student.prefix_tokens if len(src) == 2 else None
+    src_map, why = (src, None) if s_prefix is None else _grid(src, s_prefix)
+    if why:
+        return "", None, f"student {why}"
+    if len(dst) == 3:
+        module = ConvConnector(dst, teacher.post_activation, upsampling, dtype, s_prefix)
+        kind = "conv" if s_prefix is None else "grid"
+        return kind, module, _spatial_misfit(src_map, dst, upsampling)
+    t_prefix = teacher.prefix_tokens
+    dst_map, why = _grid(dst, t_prefix)
+    if why:
+        return "", None, f"teacher {why}"
+    kind = "tokens" if s_prefix is not None else ("pool" if connector == "pool" else "patchify")
+    module = TokenConnector(dst, t_prefix, s_prefix, kind == "patchify", upsampling, dtype)
+    if s_prefix is not None and 0 < s_prefix < t_prefix:
+        why = f"the student's {s_prefix} prefix tokens cannot make the teacher's {t_prefix}"
+    elif src_map[0] != src_map[1]:
+        why = f"the student's {src_map[0]}x{src_map[1]} map is not square"
+    else:
+        why = _spatial_misfit(src_map, dst_map, upsampling)
+        if why and kind != "tokens":
+            why = why.replace("average-pool", "patchify or pool")
+    return kind, module, why
+
+
 @dataclasses.dataclass(frozen=True)
 class Connectors:
     """The n connectors of one (student, teacher, input shape) pair, with their cuts."""
@@ -107,6 +231,7 @@ class Connectors:
     teacher_cuts: tuple[int, ...]
     in_shapes: tuple[tuple[int, ...], ...]  # student feature shape at each cut
     modules: tuple[nn.Module, ...]
+    kinds: tuple[str, ...] = ()  # each C_i's: conv | grid | patchify | pool | tokens
 
     @property
     def num_stones(self) -> int:
@@ -141,16 +266,24 @@ def make_connectors(
     *,
     grouping: Grouping | None = None,
     upsampling: str = "nearest",
+    connector: str = "auto",
     dtype: jnp.dtype = jnp.float32,
 ) -> Connectors:
     """Builds C_1..C_n for `student` -> `teacher` on inputs of NHWC `input_shape`.
 
+    Each C_i's kind follows from the shapes at its cut (module docstring); `connector`
+    ("auto", "patchify" or "pool") chooses how a feature map becomes tokens, and a value
+    other than "auto" needs a cut where it does.
+
     Raises:
-      ValueError: a malformed grouping, or a cut whose student feature cannot be adapted
-        to the teacher's (the message names the blocks).
+      ValueError: a malformed grouping or option, or a cut whose student feature cannot be
+        adapted to the teacher's (the message names the stone and blocks); raised from
+        the shapes alone, before any compute.
     """
     if upsampling not in UPSAMPLING:
         raise ValueError(f"upsampling must be one of {UPSAMPLING}, got {upsampling!r}")
+    if connector not in CONNECTORS:
+        raise ValueError(f"connector must be one of {CONNECTORS}, got {connector!r}")
     if grouping is None:
         grouping = default_grouping(student.num_blocks, teacher.num_blocks)
     student_cuts, teacher_cuts = (tuple(int(c) for c in cuts) for cuts in grouping)
@@ -163,20 +296,24 @@ def make_connectors(
     _check_cuts(teacher_cuts, teacher, "teacher")
     s_shapes = block_output_shapes(student, input_shape)
     t_shapes = block_output_shapes(teacher, input_shape)
-    in_shapes, modules, misfits = [], [], []
+    in_shapes, modules, kinds, misfits = [], [], [], []
     for i, (sc, tc) in enumerate(zip(student_cuts, teacher_cuts), 1):
         src, dst = s_shapes[sc - 1], t_shapes[tc - 1]
-        why = _spatial_misfit(src, dst, upsampling)
+        kind, module, why = _connector(src, dst, student, teacher, connector, upsampling, dtype)
         if why:
             misfits.append(
                 f"stone {i}: {student.name} block {sc} output {src} -> "
                 f"{teacher.name} block {tc} output {dst}: {why}"
             )
         in_shapes.append(src)
-        modules.append(ConvConnector(dst, teacher.post_activation, upsampling, dtype))
+        modules.append(module)
+        kinds.append(kind)
+    where = f"{student.name} to {teacher.name} at input {tuple(input_shape)}"
     if misfits:
+        raise ValueError(f"cannot connect {where}:\n  " + "\n  ".join(misfits))
+    if connector != "auto" and not {"patchify", "pool"} & set(kinds):
         raise ValueError(
-            f"cannot connect {student.name} to {teacher.name} at input {tuple(input_shape)}:\n  "
-            + "\n  ".join(misfits)
+            f"connector={connector!r} chooses how feature maps become tokens, but no cut of "
+            f"{where} connects a map to tokens (kinds {tuple(kinds)}); use 'auto'"
         )
-    return Connectors(student_cuts, teacher_cuts, tuple(in_shapes), tuple(modules))
+    return Connectors(student_cuts, teacher_cuts, tuple(in_shapes), tuple(modules), tuple(kinds))

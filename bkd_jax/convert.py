@@ -8,9 +8,12 @@ all: split a key on '.', join every all-digit component to the one before it wit
 find the part (`block1`..`blockN`, `head`) holding that module. Leaves map as
 
     conv / linear weight -> params kernel   (OIHW -> HWIO, (out, in) -> (in, out))
-    BatchNorm weight     -> params scale
+    Batch/LayerNorm weight -> params scale
     bias                 -> params bias
     running_mean / _var  -> batch_stats mean / var      (num_batches_tracked dropped)
+    cls_token, pos_embed -> params cls_token, pos_embed (a ViT's, shapes as they are)
+
+so timm's ViTs (`deit_tiny_patch16_224` -> `vit_tiny`) convert by the same rule.
 
 The conversion is all-or-nothing: every key must land on a model variable of the right
 shape and every variable must be filled, or a ValueError lists all that did not fit.
@@ -54,6 +57,9 @@ _TARGETS = {
     "bias": (("params", "bias"),),
     "running_mean": (("batch_stats", "mean"),),
     "running_var": (("batch_stats", "var"),),
+    # A ViT's (timm's) own parameters, kept in timm's shapes: (1, 1, dim), (1, tokens, dim).
+    "cls_token": (("params", "cls_token"),),
+    "pos_embed": (("params", "pos_embed"),),
 }
 _TORCH_LEAF = {
     flax_leaf: torch_leaf for torch_leaf, targets in _TARGETS.items() for _, flax_leaf in targets
@@ -119,14 +125,16 @@ def _torch_shape(flax_shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _probe_size(name: str) -> int:
-    """An input side length valid for model `name` (small: only shapes are traced)."""
-    return 64 if name.startswith("imagenet_") else 32
+def _probe_size(net: BlockNet) -> int:
+    """An input side length valid for `net` (small: only shapes are traced)."""
+    if net.input_size is not None:
+        return net.input_size
+    return 64 if net.name.startswith("imagenet_") else 32
 
 
 def variable_shapes(net: BlockNet) -> dict[FlatKey, jax.ShapeDtypeStruct]:
     """Every variable of `net`, flattened, as abstract shapes (nothing is computed)."""
-    size = _probe_size(net.name)
+    size = _probe_size(net)
     x = jax.ShapeDtypeStruct((1, size, size, net.input_channels), jnp.float32)
     return traverse_util.flatten_dict(jax.eval_shape(net.init, jax.random.key(0), x))
 

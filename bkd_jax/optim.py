@@ -1,16 +1,27 @@
-"""The optimizers of mdistiller's recipes: SGD with momentum and L2 decay, and DOT.
+"""The optimizers of mdistiller's recipes (SGD with momentum and L2 decay, DOT) and AdamW.
 
 PyTorch's `SGD(weight_decay=wd)` adds `wd * w` to the gradient before momentum; optax's
 `add_decayed_weights` placed before `sgd` does the same.
+
+AdamW (Loshchilov & Hutter, ICLR 2019), for DeiT-style ViT students: Adam with decoupled
+weight decay, `w -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * w)`, which is PyTorch's
+`AdamW` (it scales w by 1 - lr * wd before the Adam step). The decay is masked off, as
+timm's optimizer factory does for DeiT (pytorch-image-models timm/optim/optim_factory.py:
+parameters of one dimension or named ".bias", and the model's `no_weight_decay()`, which
+for a ViT is {"pos_embed", "cls_token"}, timm/models/vision_transformer.py): biases and
+norm scales (every parameter of fewer than two dimensions) and the parameters named in
+`NO_DECAY_NAMES` (position embeddings, class tokens, the class-token offsets of Block-KD's
+token connectors).
 
 Learning-rate schedules (`optim.schedule`), each after an optional linear warm-up from 0
 over `warmup_epochs`:
 
 - ``step`` (mdistiller's): the rate drops by `decay_factor` at each epoch in
   `decay_epochs`, counted from the start of training (warm-up included).
-- ``cosine``: from `learning_rate` at the end of the warm-up to 0 at the last step,
-  ``lr * (1 + cos(pi * t / T)) / 2`` with t the steps since the warm-up and T the steps
-  left after it (Loshchilov & Hutter, SGDR); `decay_epochs` is ignored.
+- ``cosine``: from `learning_rate` at the end of the warm-up to `min_learning_rate`
+  (default 0) at the last step, ``min + (lr - min) * (1 + cos(pi * t / T)) / 2`` with t the
+  steps since the warm-up and T the steps left after it (Loshchilov & Hutter, SGDR);
+  `decay_epochs` is ignored.
 
 DOT, the Distillation-Oriented Trainer (Zhao et al., ICCV 2023; mdistiller
 engine/dot.py), keeps two momentum buffers: one for the gradient of the task loss (with
@@ -30,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-OPTIMIZERS = ("sgd", "dot")
+OPTIMIZERS = ("sgd", "dot", "adamw")
 SCHEDULES = ("step", "cosine")
 
 
@@ -55,13 +66,34 @@ def learning_rate_schedule(
                 f"the cosine schedule needs total_steps beyond the {warmup_steps} warm-up "
                 f"steps, got {total_steps}"
             )
-        schedule = optax.cosine_decay_schedule(cfg.learning_rate, total_steps - warmup_steps)
+        floor = cfg.get("min_learning_rate", 0.0)
+        if not 0 <= floor <= cfg.learning_rate:
+            raise ValueError(
+                f"optim.min_learning_rate={floor} must lie in [0, learning_rate="
+                f"{cfg.learning_rate}]"
+            )
+        alpha = floor / cfg.learning_rate if floor else 0.0  # the end as a fraction of lr
+        schedule = optax.cosine_decay_schedule(cfg.learning_rate, total_steps - warmup_steps, alpha)
     else:
         raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {kind!r}")
     if not warmup_steps:
         return schedule
     ramp = optax.linear_schedule(0.0, cfg.learning_rate, warmup_steps)
     return optax.join_schedules([ramp, schedule], [warmup_steps])
+
+
+# Parameters AdamW never decays whatever their shape (module docstring).
+NO_DECAY_NAMES = frozenset({"pos_embed", "cls_token", "prefix_offset"})
+
+
+def decay_mask(params: Any) -> Any:
+    """True for the parameters AdamW decays: two or more dimensions, not in NO_DECAY_NAMES."""
+
+    def decays(path, leaf) -> bool:
+        names = {getattr(key, "key", None) for key in path}
+        return jnp.ndim(leaf) >= 2 and not names & NO_DECAY_NAMES
+
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 class SplitGradientTransformation(NamedTuple):
@@ -111,6 +143,8 @@ def make_optimizer(
 
     "sgd": SGD (momentum, nesterov off by default) with weight decay on every parameter.
     "dot": DOT with the same learning rate, momentum and weight decay, and `cfg.dot_delta`.
+    "adamw": AdamW with `cfg.b1`, `cfg.b2`, `cfg.eps`, decay `cfg.weight_decay` masked by
+    `decay_mask`.
     `total_steps` is the length of the run (the cosine schedule needs it).
     """
     name = name or cfg.get("name", "sgd")
@@ -119,6 +153,11 @@ def make_optimizer(
     schedule = learning_rate_schedule(cfg, steps_per_epoch, total_steps)
     if name == "dot":
         return dot(schedule, cfg.momentum, cfg.dot_delta, cfg.weight_decay)
+    if name == "adamw":
+        return optax.adamw(
+            schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        )  # fmt: skip
     return optax.chain(
         optax.add_decayed_weights(cfg.weight_decay),
         optax.sgd(

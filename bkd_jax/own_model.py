@@ -4,7 +4,9 @@ Block-KD needs the network cut into n blocks and a head, each a Flax module of i
 
 - block 1 takes the NHWC images (it includes the stem); every block returns an NHWC
   feature map (batch, height, width, channels), because connectors pool or upsample its
-  spatial axes and mix its channels with a 1x1 convolution;
+  spatial axes and mix its channels with a 1x1 convolution; or, for a transformer
+  (`prefix_tokens` set), a token sequence (batch, prefix_tokens + g*g, dim) whose tokens
+  after the prefix are a g x g patch grid in row-major order (see `bkd_jax.models.vit`);
 - the head takes the last block's map and returns the logits (pooling, classifier);
 - BatchNorm statistics live in the "batch_stats" collection and change only in training.
 
@@ -24,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bkd_jax.blocknet import BlockNet
+from bkd_jax.blocknet import BlockNet, grid_side
 
 _TRAIN_FLAGS = ("train", "training")  # True in training
 _EVAL_FLAGS = ("deterministic", "use_running_average")  # True in inference
@@ -62,6 +64,8 @@ def as_blocknet(
     *,
     post_activation: bool = True,
     input_channels: int = 3,
+    input_size: int | None = None,
+    prefix_tokens: int = 0,
 ) -> BlockNet:
     """A BlockNet of your own blocks and head, whatever keyword each takes for its mode.
 
@@ -72,6 +76,9 @@ def as_blocknet(
       post_activation: whether block outputs come after a ReLU (ResNet v1 style; the
         connectors then end with a ReLU too) rather than before one (pre-activation).
       input_channels: channels of the input images (last axis).
+      input_size: the image side the network requires, if fixed (position embeddings).
+      prefix_tokens: for blocks that return token sequences, the number of leading
+        non-patch tokens (a class token: 1); 0 for blocks that return feature maps.
 
     Modules whose `__call__` takes `train` are used as they are; the others are wrapped,
     which puts their variables one level deeper (under "module").
@@ -82,6 +89,8 @@ def as_blocknet(
         _as_part(head),
         post_activation=post_activation,
         input_channels=input_channels,
+        input_size=input_size,
+        prefix_tokens=prefix_tokens,
     )
 
 
@@ -98,7 +107,8 @@ def check_blocknet(net: BlockNet, input_shape: Sequence[int]) -> list[tuple[int,
 
     Returns the per-example output shape of every block. Raises ValueError naming the
     block or head that cannot be initialised or applied in either mode, returns something
-    other than a feature map (blocks) or logits (head), or changes shape with the mode.
+    other than a feature map or, with `prefix_tokens`, a token sequence whose patch tokens
+    form a square grid (blocks) or logits (head), or changes shape with the mode.
     """
     h = jax.ShapeDtypeStruct((2, *input_shape), jnp.float32)
     net.check_input(h)
@@ -124,15 +134,27 @@ def check_blocknet(net: BlockNet, input_shape: Sequence[int]) -> list[tuple[int,
                 f"{net.name}: {what} returns {out_train.shape} in training but "
                 f"{out_eval.shape} in inference"
             )
-        want = 2 if what == "head" else 4
-        if out_eval.ndim != want:
+        if what == "head":
+            want, kind = 2, "logits (batch, classes)"
+        elif net.prefix_tokens:
+            want = 3
             kind = (
-                "logits (batch, classes)"
-                if what == "head"
-                else "an NHWC feature map (batch, height, width, channels); pooling and the "
+                f"tokens (batch, {net.prefix_tokens} + patches, dim); pooling and the "
                 "classifier belong in the head"
             )
+        else:
+            want = 4
+            kind = (
+                "an NHWC feature map (batch, height, width, channels); pooling and the "
+                "classifier belong in the head"
+            )
+        if out_eval.ndim != want:
             raise ValueError(f"{net.name}: {what} returns shape {out_eval.shape}; expected {kind}")
+        if what != "head" and net.prefix_tokens:
+            try:
+                grid_side(out_eval.shape[1], net.prefix_tokens)
+            except ValueError as e:
+                raise ValueError(f"{net.name}: {what} returns shape {out_eval.shape}: {e}") from e
         if what != "head":
             shapes.append(tuple(out_eval.shape[1:]))
         h = out_eval

@@ -8,12 +8,23 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from bkd_jax import models
+
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def input_size(model_name: str) -> int:
-    """Smallest convenient input side: 32 for CIFAR models, 64 for ImageNet ones."""
+    """Smallest convenient input side: 32 for CIFAR models, 64 for ImageNet ones; the side
+    a model with position embeddings requires (ViT)."""
+    fixed = models.get_model(model_name, 1).input_size
+    if fixed is not None:
+        return fixed
     return 64 if model_name.startswith("imagenet_") else 32
+
+
+# Zoo models whose blocks output feature maps; token models (ViT) have tests of their own
+# (test_vit.py), at sizes small enough for CPUs.
+MAP_MODELS = [name for name in models.available() if not models.get_model(name, 1).prefix_tokens]
 
 
 def images(batch: int, size: int, seed: int = 0) -> jax.Array:

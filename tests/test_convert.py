@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, images, input_size
+from conftest import MAP_MODELS, SHARED_DATA, images, input_size
 
 from bkd_jax import blocknet, convert, models, pth
 
@@ -239,7 +239,7 @@ def test_pth_reader_refuses_legacy_format(tmp_path):
 # (d) numerical parity with the PyTorch originals.
 
 
-@pytest.mark.parametrize("name", models.available())
+@pytest.mark.parametrize("name", MAP_MODELS)
 def test_reference_matches_layout_file(name, torch, layouts):
     import torch_reference
 
@@ -266,7 +266,7 @@ def _reference_taps(name: str, reference, x) -> tuple[np.ndarray, blocknet.Taps]
     return logits.numpy(), blocknet.Taps(stem, tuple(blocks), tuple(preact), pooled)
 
 
-@pytest.mark.parametrize("name", models.available())
+@pytest.mark.parametrize("name", MAP_MODELS)
 def test_converted_taps_match_pytorch(name, torch, tmp_path):
     """Both sides compute in float64 from the same float32 weights (exact in float64), so
     that float32 rounding, which reaches 2e-4 in the deepest networks, hides nothing: they

@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import images, input_size
+from conftest import MAP_MODELS, images, input_size
 
 from bkd_jax import models
+from bkd_jax.models import vit
 
 # Trainable parameters (BatchNorm running statistics excluded) of the PyTorch originals.
 EXPECTED_PARAMS = {
@@ -41,7 +42,9 @@ def num_classes(name: str) -> int:
 
 
 def test_registry_holds_exactly_the_zoo():
-    assert models.available() == sorted(EXPECTED_PARAMS)
+    # The ViTs' counts and behaviour are tested in test_vit.py.
+    assert models.available() == sorted([*EXPECTED_PARAMS, *vit.MODELS])
+    assert sorted(EXPECTED_PARAMS) == MAP_MODELS
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
@@ -63,7 +66,7 @@ def _close(a, b):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", models.available())
+@pytest.mark.parametrize("name", MAP_MODELS)
 def test_blocks_chain_to_apply_and_batchnorm_updates_only_in_training(name):
     net = models.get_model(name, num_classes(name))
     x = images(BATCH, input_size(name))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -82,3 +83,50 @@ def test_bad_schedules_are_refused():
     with pytest.raises(ValueError, match="linear"):
         optim.learning_rate_schedule(_cfg("linear"), steps_per_epoch=10)
     assert isinstance(optim.make_optimizer(_cfg("step"), 10), optax.GradientTransformation)
+
+
+def test_cosine_schedule_ends_at_the_minimum_rate():
+    cfg = _cfg("cosine")
+    cfg.min_learning_rate = 0.02
+    schedule = optim.learning_rate_schedule(cfg, steps_per_epoch=10, total_steps=100)
+    # min + (lr - min) * (1 + cos(pi t / T)) / 2 at t = 0, T/4, T/2 and T.
+    quarter = 0.02 + 0.08 * (1 + 0.7071067811865476) / 2
+    got = _values(schedule, [0, 25, 50, 100])
+    np.testing.assert_allclose(got, [0.1, quarter, 0.06, 0.02], atol=1e-7)
+    cfg.min_learning_rate = 0.2
+    with pytest.raises(ValueError, match="min_learning_rate"):
+        optim.learning_rate_schedule(cfg, steps_per_epoch=10, total_steps=100)
+
+
+def test_adamw_two_updates_by_hand_with_decay_masked_off_biases_and_tokens():
+    cfg = _cfg("cosine", warmup_epochs=1)
+    cfg.name, cfg.weight_decay, cfg.min_learning_rate = "adamw", 0.5, 0.0
+    # Two steps an epoch: the rate is 0 at step 0, 0.05 at step 1 (half-way up the ramp).
+    tx = optim.make_optimizer(cfg, steps_per_epoch=2, total_steps=12)
+    params = {
+        "dense": {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.full((2,), 2.0)},
+        "norm": {"scale": jnp.full((2,), 2.0)},
+        "pos_embed": jnp.full((1, 2, 2), 2.0),
+        "cls_token": jnp.full((1, 1, 2), 2.0),
+    }
+    decays = {"kernel"}
+    grads = [0.5, -1.5]  # every entry's gradient at step 0 and step 1
+    state = tx.init(params)
+    w = {name: 2.0 for name in ("kernel", "bias", "scale", "pos_embed", "cls_token")}
+    b1, b2, eps, wd = 0.9, 0.999, 1e-8, 0.5
+    m = v = 0.0
+    for t, (g, lr) in enumerate(zip(grads, [0.0, 0.05]), 1):
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g * g
+        adam = (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+        w = {n: x - lr * (adam + (wd * x if n in decays else 0.0)) for n, x in w.items()}
+        grad_tree = jax.tree.map(lambda p, g=g: jnp.full_like(p, g), params)
+        updates, state = tx.update(grad_tree, state, params)
+        params = optax.apply_updates(params, updates)
+    got = {
+        "kernel": params["dense"]["kernel"], "bias": params["dense"]["bias"],
+        "scale": params["norm"]["scale"], "pos_embed": params["pos_embed"],
+        "cls_token": params["cls_token"],
+    }  # fmt: skip
+    for name, value in got.items():
+        np.testing.assert_allclose(np.asarray(value), w[name], rtol=1e-6, err_msg=name)
+    assert w["kernel"] != w["bias"]  # the decay made a difference

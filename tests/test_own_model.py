@@ -18,6 +18,7 @@ from bkd_jax import distillers, models, steps
 from bkd_jax.blockwise import stepping_stones
 from bkd_jax.config_defaults import distill_config
 from bkd_jax.connectors import make_connectors
+from bkd_jax.models import vit
 from bkd_jax.own_model import as_blocknet, check_blocknet
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
@@ -101,6 +102,36 @@ def test_contract_violations_are_named():
         check_blocknet(flat_block, SHAPE)
     with pytest.raises(ValueError, match="expected 3 input channels"):
         check_blocknet(own_net(), (SIZE, SIZE, 1))
+
+
+class DropToken(nn.Module):
+    """A token block that breaks the grid: drops the last token."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(x.shape[-1])(x[:, :-1])
+
+
+def test_token_blocks_pass_the_contract_when_prefix_tokens_is_set():
+    zoo_vit = vit.vision_transformer(10, image_size=16, patch_size=4, dim=32, depth=2, heads=2,
+                                     groups=2)  # fmt: skip
+    tokens = as_blocknet("mine", zoo_vit.blocks, zoo_vit.head, post_activation=False,
+                         input_size=16, prefix_tokens=1)  # fmt: skip
+    assert (tokens.input_size, tokens.prefix_tokens) == (16, 1)
+    assert check_blocknet(tokens, SHAPE) == [(17, 32), (17, 32)]
+    # The same blocks as a map network: the token sequences are refused...
+    as_maps = as_blocknet("maps", zoo_vit.blocks, zoo_vit.head, input_size=16)
+    with pytest.raises(
+        ValueError, match=r"maps: block 1 returns shape \(2, 17, 32\); expected an NHWC"
+    ):
+        check_blocknet(as_maps, SHAPE)
+    # ...and so are tokens whose patches are no square grid, or images of another side.
+    broken = as_blocknet("broken", (zoo_vit.blocks[0], DropToken()), zoo_vit.head,
+                         input_size=16, prefix_tokens=1)  # fmt: skip
+    with pytest.raises(ValueError, match=r"broken: block 2 returns shape .*: 16 tokens less 1"):
+        check_blocknet(broken, SHAPE)
+    with pytest.raises(ValueError, match="expected 16x16 images"):
+        check_blocknet(tokens, (32, 32, 3))
 
 
 @pytest.mark.parametrize("own_is_student", [True, False])

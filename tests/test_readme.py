@@ -60,3 +60,9 @@ def test_readme_commands_name_existing_modules_and_configs():
         assert (root / (module.replace(".", "/") + ".py")).is_file(), module
     for config in set(re.findall(r"(configs/\w+\.py)", text)):
         assert (root / config).is_file(), config
+
+
+def test_readme_token_blocknet_example_runs():
+    namespace = run_block("prefix_tokens=1,")
+    assert namespace["mine"].prefix_tokens == 1
+    assert namespace["taps"].blocks[0].shape == (4, 8, 8, 64)

@@ -55,7 +55,7 @@ def build(config):
     distiller = distillers.make_distiller(
         config.distill, student, teacher, batch["image"].shape, num_examples=NUM_EXAMPLES
     )
-    optimizer = optim.make_optimizer(config.optim, 10, method.optimizer)
+    optimizer = optim.make_optimizer(config.optim, 10, method.optimizer, total_steps=1000)
     return distiller, optimizer, teacher, batch
 
 

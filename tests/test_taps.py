@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import images, input_size
+from conftest import MAP_MODELS, images, input_size
 
 from bkd_jax import blocknet, models
 
@@ -131,7 +131,7 @@ def _check_preact(name, net, variables, taps):
             assert (np.asarray(preact) < 0).any()  # a pre-activation, not the output again
 
 
-@pytest.mark.parametrize("name", models.available())
+@pytest.mark.parametrize("name", MAP_MODELS)
 def test_taps_of_every_zoo_model(name):
     net = models.get_model(name, num_classes(name))
     size = input_size(name)

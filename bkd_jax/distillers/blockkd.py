@@ -19,6 +19,10 @@ consumes feature taps, e.g. "at"): its distillation term, with that method's def
 and modules, times `feature_weight`, is added to L, so that the implicit alignment of the
 stepping-stones can be compared with, or combined with, an explicit one.
 
+Connectors (`bkd_jax.connectors`) follow from the pair: 1x1 convolutions between feature
+maps, Dense layers and LayerNorm into a ViT's tokens (`connector` chooses how a CNN's map
+becomes tokens), a ViT's patch grid into a CNN's map.
+
 The paper's code is not public; the defaults are ours and docs/method.md gives the
 reasons: alpha = beta = gamma = 1, tau = 4 and a 20-epoch warm-up on CIFAR-100 (tau 1 and
 1 epoch on ImageNet, set by configs/imagenet.py), all stones 1..n (`blockkd`) or the two
@@ -64,6 +68,9 @@ def knobs() -> dict:
             tuple
         ),  # ((student cuts), (teacher cuts)) for pairs of unequal depth
         "upsampling": "nearest",  # connectors' upsampling: nearest | bilinear
+        # How a feature map becomes a ViT teacher's tokens (bkd_jax.connectors): auto
+        # (= patchify, space-to-depth keeps every activation; ours) | patchify | pool.
+        "connector": "auto",
         "feature_method": "",  # a feature method whose distillation term joins L; "" none
         "feature_weight": 1.0,  # its weight, over the method's own feature weight
         **distance_sections(),
@@ -129,7 +136,7 @@ def _builder(lite: bool):
         connectors = make_connectors(
             pair.student, pair.teacher, pair.input_shape,
             grouping=tuple(map(tuple, grouping)) if grouping else None,
-            upsampling=k["upsampling"], dtype=pair.dtype,
+            upsampling=k["upsampling"], connector=k["connector"], dtype=pair.dtype,
         )  # fmt: skip
         n = connectors.num_stones
         default = tuple(range(max(1, n - 1), n + 1)) if lite else tuple(range(1, n + 1))

@@ -15,6 +15,7 @@ from bkd_jax.models import (
     resnet_imagenet,
     shufflenet,
     vgg,
+    vit,
     wrn,
 )
 
@@ -27,6 +28,7 @@ for _family in (
     shufflenet,
     resnet_imagenet,
     mobilenetv1,
+    vit,
 ):
     _REGISTRY.update(_family.MODELS)
 
