@@ -1,8 +1,26 @@
-"""Shared test helpers: zoo input sizes and the optional ../shared data folder."""
+"""Shared test helpers: zoo input sizes and the optional ../shared data folder.
+
+Most of the suite's time is XLA compiling the same small programs again: model inits,
+the same train step in each process a test starts. So before JAX is imported, the run
+gets a persistent compilation cache in a temporary folder (removed at exit), which the
+pytest-xdist workers and every subprocess inherit through the environment. A test that
+sets JAX_COMPILATION_CACHE_DIR itself keeps its own.
+"""
 
 from __future__ import annotations
 
+import atexit
+import os
 import pathlib
+import shutil
+import tempfile
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="bkd_jax-tests-xla-cache-")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # small programs too
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
 
 import jax
 import jax.numpy as jnp
