@@ -29,6 +29,11 @@ def build(teacher_name: str, student_name: str, size: int):
     teacher = models.get_model(teacher_name, classes)
     student = models.get_model(student_name, classes)
     x = images(2, size)  # two images: batch statistics still differ from running ones
+    return connect(teacher, student, x)
+
+
+def connect(teacher, student, x):
+    """`(teacher, student, connectors, (teacher, student, connector variables), x)`."""
     conns = make_connectors(student, teacher, x.shape)
     # Eager `init` compiles a sampler per parameter shape; XLA compiles those of RBG keys
     # markedly faster than threefry's.

@@ -18,7 +18,7 @@ import optax
 import pytest
 import test_recipes
 from conftest import images
-from test_blockwise import grad_norm, manual_stone
+from test_blockwise import connect, grad_norm, manual_stone
 
 from bkd_jax import config_defaults, distillers, models, optim, steps
 from bkd_jax.blockwise import stepping_stones
@@ -148,15 +148,7 @@ PAIRS = {  # (teacher, student) and the kind of each connector
 @functools.cache
 def build_pair(name: str):
     make_teacher, make_student, _ = PAIRS[name]
-    teacher, student = make_teacher(), make_student()
-    x = images(2, SIZE)
-    conns = make_connectors(student, teacher, x.shape)
-    variables = (
-        teacher.init(jax.random.key(1, impl="rbg"), x),
-        student.init(jax.random.key(2, impl="rbg"), x),
-        conns.init(jax.random.key(3, impl="rbg")),
-    )
-    return teacher, student, conns, variables, x
+    return connect(make_teacher(), make_student(), images(2, SIZE))
 
 
 @pytest.mark.parametrize("name", PAIRS)
