@@ -35,11 +35,14 @@ from typing import Any
 import jax
 from absl import app, flags, logging
 
-from bkd_jax import distillers, report
+from bkd_jax import console, distillers, report
 from bkd_jax.sweep import load_config_file
-from bkd_jax.training import loop
+from bkd_jax.training import run_files
 
-TOP1 = loop.BEST_METRIC
+with console.quiet_native_logs():  # TensorFlow's INFO lines as it loads
+    from bkd_jax.training import loop
+
+TOP1 = run_files.BEST_METRIC
 TEACHER = "teacher"
 # The methods of the demo's published table (configs/demo.py); any registered one can run.
 DEFAULT_METHODS = ("ce", "kd", "dkd", "blockkd", "blockkd_lite")
@@ -105,7 +108,7 @@ def run_study(
         config = get_config(arg)
         if row != TEACHER:
             config.teacher_checkpoint = str(workdir / TEACHER)
-        finished = (run_dir / loop.RESULTS_FILE).exists()
+        finished = (run_dir / run_files.RESULTS_FILE).exists()
         log(f"[{number}/{len(plan)}] {name} (configs/demo.py:{arg})")
         start = time.monotonic()
         summary = loop.train_and_evaluate(config, str(run_dir))

@@ -44,15 +44,15 @@ from typing import Any
 from absl import app, flags
 
 from bkd_jax import distillers, published
-from bkd_jax.training import config_guard, loop
+from bkd_jax.training import config_guard, run_files
 from bkd_jax.training.metric_writers import METRICS_FILE
 
-TOP1, TOP5 = loop.BEST_METRIC, "eval/student/top5"
+TOP1, TOP5 = run_files.BEST_METRIC, "eval/student/top5"
 TEACHER_TOP1 = "eval/teacher/top1"
 # Config fields that do not change what a run computes.
 IGNORED_KEYS = frozenset(
     {"seed", "teacher_checkpoint", "student_checkpoint", "dataset.data_dir"}
-    | {"checkpoint_every_steps", "keep_checkpoints", *loop.COSMETIC_KEYS}
+    | {"checkpoint_every_steps", "keep_checkpoints", *run_files.COSMETIC_KEYS}
 )
 # A row's fields before its figures.
 ROW_FIELDS = (
@@ -121,7 +121,7 @@ class Run:
 
 def is_finished(run_dir: str | pathlib.Path) -> bool:
     """Whether `run_dir` holds the results of a training run that did all its steps."""
-    path = pathlib.Path(run_dir) / loop.RESULTS_FILE
+    path = pathlib.Path(run_dir) / run_files.RESULTS_FILE
     if not path.is_file():
         return False
     results = json.loads(path.read_text())
@@ -139,9 +139,9 @@ def load_run(
     """
     run_dir = pathlib.Path(run_dir)
     if not is_finished(run_dir):
-        raise ValueError(f"{run_dir} holds no finished training run ({loop.RESULTS_FILE})")
+        raise ValueError(f"{run_dir} holds no finished training run ({run_files.RESULTS_FILE})")
     config = json.loads((run_dir / config_guard.CONFIG_FILE).read_text())
-    results = json.loads((run_dir / loop.RESULTS_FILE).read_text())
+    results = json.loads((run_dir / run_files.RESULTS_FILE).read_text())
     method = config["distill"]["method"]
     if teacher_run is None:
         teacher_run = method == "ce" and config["teacher"] == config["student"]

@@ -1,4 +1,5 @@
-"""The pure core, the models, the configs and the bench load without TensorFlow or orbax.
+"""The pure core, the models, the configs, the bench, the report and the sweep load
+without TensorFlow or orbax.
 
 A GPU machine with jax, flax, optax, ml_collections and numpy but no TensorFlow must be
 able to build models and run the bench; each module is imported in a fresh interpreter
@@ -25,6 +26,8 @@ MODULES = (
     "bkd_jax.steps",
     "bkd_jax.optim",
     "bkd_jax.training.prefetch",
+    "bkd_jax.report",
+    "bkd_jax.sweep",
 )
 
 _DRIVER = """

@@ -53,12 +53,8 @@ from bkd_jax.training import (
 )
 from bkd_jax.training.metric_writers import MetricWriter
 from bkd_jax.training.progress import Progress
+from bkd_jax.training.run_files import BEST_METRIC, COSMETIC_KEYS, RESULTS_FILE
 from bkd_jax.training.validation import DTYPES, validate_config
-
-BEST_METRIC = "eval/student/top1"
-RESULTS_FILE = "results.json"
-# Keys that may change between runs of one experiment without invalidating its workdir.
-COSMETIC_KEYS = ("log_every_steps", "tensorboard", "eval_only", "profile_steps")
 
 
 def _held_model(path: str, metadata: dict[str, Any]) -> str | None:
