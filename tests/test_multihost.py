@@ -180,7 +180,15 @@ def test_two_processes_preempted_crashed_and_resumed_match_one_process(roots):
         runs[-1].procs[0].wait(timeout=HEARTBEAT_SECONDS + 60)
         assert time.monotonic() - killed_at < HEARTBEAT_SECONDS + 60
         assert runs[-1].procs[0].returncode != 0
-        assert "most likely because another process died" in runs[-1].output(0)
+        # Whichever notices first says why: the failed collective (bkd_jax's message), or
+        # JAX's coordination service missing the dead process's heartbeats (JAX's own).
+        assert any(
+            why in runs[-1].output(0)
+            for why in (
+                "most likely because another process died",
+                "This most likely indicates that another task died",
+            )
+        ), runs[-1].output(0)[-4000:]
 
         # 3. Resumed to the end.
         runs.append(_Run(root, "third", processes=2, devices=2))
