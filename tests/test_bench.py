@@ -188,8 +188,8 @@ def test_input_bench_runs_the_pipeline_on_generated_jpegs(tmp_path):
     measured = bench_input.rows(tmp_path, None, count=1)
     assert [what for _, what, *_ in measured][:4] == [
         "pad-crop-flip (train)",
-        "random-resized crop 224 (train)",
+        "random-resized crop 224, window decoded (train)",
         "resize 256, centre crop 224 (eval)",
-        "random-resized crop 224, decode_and_crop_jpeg",
+        "random-resized crop 224, whole image decoded",
     ]
     assert all(rate > 0 and per_core > 0 for *_, rate, per_core in measured)

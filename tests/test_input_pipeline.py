@@ -195,6 +195,66 @@ def test_inception_output_shapes_on_non_square_images(tmp_path):
     assert evaluated["mask"].tolist() == [True, True, True, False]
 
 
+def smooth_jpeg(rng: np.random.Generator, shape: tuple[int, int], subsampling: int) -> bytes:
+    """A JPEG of smooth colour bands; `subsampling` 0 is 4:4:4 chroma, 2 is 4:2:0."""
+    pixels = np.cumsum(rng.integers(0, 9, (*shape, 3)), axis=1) % 256
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels.astype(np.uint8)).save(
+        buffer, "JPEG", quality=85, subsampling=subsampling
+    )
+    return buffer.getvalue()
+
+
+def test_inception_crop_decodes_a_jpeg_window_to_the_pixels_of_the_whole_decode(tmp_path):
+    """Full-chroma and grey JPEGs (only the crop window decoded) train on exactly the pixels
+    of their whole decodes stored losslessly as PNGs (decoded whole, then cropped)."""
+    rng = np.random.default_rng(0)
+    shapes = [(75, 100), (100, 75), (61, 47), (48, 48), (33, 90), (90, 33)]
+    grey = io.BytesIO()
+    PIL.Image.fromarray(rng.integers(0, 256, (50, 70), np.uint8)).save(grey, "JPEG")
+    jpegs = [smooth_jpeg(rng, shape, subsampling=0) for shape in shapes * 2] + [grey.getvalue()]
+    for k, raw in enumerate(jpegs):
+        pixels = pipeline.tf.io.decode_jpeg(raw, channels=3).numpy()
+        for root in ("jpeg", "png"):
+            path = tmp_path / root / "train" / f"c{k % 2}" / f"{k:02d}.{root}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if root == "jpeg":
+                path.write_bytes(raw)
+            else:
+                PIL.Image.fromarray(pixels).save(path)
+    for root in ("jpeg", "png"):
+        write_images(tmp_path / root, {"test": {"c0": [constant_image(0)]}})
+
+    def stream(root: str) -> list[dict[str, np.ndarray]]:
+        ds_config = config("image_folder", data_dir=str(tmp_path / root), image_size=24)
+        return take(pipeline.train_batches(ds_config, global_batch_size=13, seed=3), 6)
+
+    assert_same_batches(stream("jpeg"), stream("png"))
+
+
+def test_window_decode_of_subsampled_jpegs_differs_only_on_the_window_edge():
+    """With 4:2:0 chroma, the window's outermost rows and columns may differ from the whole
+    decode's (their chroma is upsampled without the neighbours outside the window)."""
+    rng = np.random.default_rng(1)
+    edges_differ = 0
+    for _ in range(30):
+        h, w = rng.integers(40, 160, 2)
+        raw = smooth_jpeg(rng, (h, w), subsampling=2)
+        top, left = rng.integers(0, h // 2), rng.integers(0, w // 2)
+        begin, size = [top, left, 0], [rng.integers(4, h - top), rng.integers(4, w - left), -1]
+
+        def window(shape, begin=begin, size=size):
+            del shape
+            return pipeline.tf.constant(begin), pipeline.tf.constant(size)
+
+        cropped = pipeline._decode_encoded(raw, window).numpy()
+        whole = pipeline._decode_encoded(raw).numpy()[top : top + size[0], left : left + size[1]]
+        assert cropped.shape == whole.shape
+        np.testing.assert_array_equal(cropped[1:-1, 1:-1], whole[1:-1, 1:-1])
+        edges_differ += not np.array_equal(cropped, whole)
+    assert edges_differ > 0  # so the window was decoded on its own, not sliced from the whole
+
+
 # numbered_folder's examples in index order: files sorted by class (k % 3), then by name.
 TRAIN_ORDER = [0, 3, 6, 9, 1, 4, 7, 2, 5, 8]
 TEST_ORDER = [12, 15, 10, 13, 16, 11, 14]

@@ -64,7 +64,7 @@ import itertools
 import math
 import pathlib
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -218,15 +218,57 @@ def eval_batches(
 # Sources: split sizes, and random access to a split's examples by index.
 
 
-def _decode_encoded(raw: tf.Tensor) -> tf.Tensor:
-    """PNG/JPEG/... bytes -> float32 [H, W, 3] in [0, 1]."""
-    image = tf.io.decode_image(raw, channels=3, expand_animations=False)
+# (H, W, C) image shape -> (begin, size) of a crop, as `tf.slice` takes them.
+CropWindow = Callable[[tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+
+
+def _crop(image: tf.Tensor, window: CropWindow | None) -> tf.Tensor:
+    if window is None:
+        return image
+    begin, size = window(tf.shape(image))
+    return tf.slice(image, begin, size)
+
+
+def _decode_encoded(raw: tf.Tensor, window: CropWindow | None = None) -> tf.Tensor:
+    """PNG/JPEG/... bytes -> float32 [H, W, 3] in [0, 1], cropped to `window` if given.
+
+    A JPEG's crop window is sampled from its header and only that window is decoded
+    (`decode_and_crop_jpeg`, at a third to two thirds of the CPU of decoding the whole
+    image for random-resized crops); other formats are decoded whole, then sliced. The
+    pixels are those of the whole decode, except that with subsampled chroma (4:2:0, as
+    most photographs) the window's outermost rows and columns may differ: their chroma is
+    upsampled without the neighbours outside the window.
+    """
+
+    def decode_whole() -> tf.Tensor:
+        return _crop(tf.io.decode_image(raw, channels=3, expand_animations=False), window)
+
+    def decode_window() -> tf.Tensor:
+        begin, size = window(tf.io.extract_jpeg_shape(raw))
+        crop = tf.stack([begin[0], begin[1], size[0], size[1]])
+        return tf.image.decode_and_crop_jpeg(raw, crop, channels=3)
+
+    if window is None:
+        image = decode_whole()
+    else:
+        image = tf.cond(tf.io.is_jpeg(raw), decode_window, decode_whole)
     return tf.image.convert_image_dtype(image, tf.float32)
+
+
+def _decode_file(path: tf.Tensor, window: CropWindow | None = None) -> tf.Tensor:
+    """`_decode_encoded` of the file at `path`."""
+    return _decode_encoded(tf.io.read_file(path), window)
+
+
+def _decode_array(image: tf.Tensor, window: CropWindow | None = None) -> tf.Tensor:
+    """A grayscale float32 array in [0, 1] as RGB, cropped to `window` if given."""
+    return _crop(tf.image.grayscale_to_rgb(image), window)
 
 
 class _Lookup:
     """Random access to a split inside tf.data: `fetch` gathers the records of a vector of
-    indices, `parse` turns one record into (float32 [H, W, 3] image in [0, 1], label)."""
+    indices, `parse` turns one record into (float32 [H, W, 3] image in [0, 1], label),
+    decoding only the crop `window` of the image when one is given."""
 
     def __init__(self, decode=_decode_encoded):
         self._decode = decode
@@ -234,9 +276,9 @@ class _Lookup:
     def fetch(self, indices: tf.Tensor) -> Any:
         raise NotImplementedError
 
-    def parse(self, record: Any) -> tuple[tf.Tensor, tf.Tensor]:
+    def parse(self, record: Any, window: CropWindow | None = None) -> tuple[tf.Tensor, tf.Tensor]:
         raw, label = record
-        return self._decode(raw), label
+        return self._decode(raw, window), label
 
     def bad_file(self, indices: np.ndarray) -> str | None:
         """A file among `indices` (-1: none) that does not decode, and why; None: unknown."""
@@ -260,7 +302,7 @@ class _FileLookup(_ArrayLookup):
     """Image files: their paths in memory, each file read when its example is parsed."""
 
     def __init__(self, paths: np.ndarray, labels: np.ndarray):
-        super().__init__(paths, labels, lambda path: _decode_encoded(tf.io.read_file(path)))
+        super().__init__(paths, labels, _decode_file)
         self._paths = paths
 
     def bad_file(self, indices: np.ndarray) -> str | None:
@@ -286,9 +328,11 @@ class _DataSourceLookup(_Lookup):
 
         return tf.ensure_shape(tf.numpy_function(read, [indices], tf.string), [None])
 
-    def parse(self, record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def parse(
+        self, record: tf.Tensor, window: CropWindow | None = None
+    ) -> tuple[tf.Tensor, tf.Tensor]:
         example = self._features.deserialize_example(record, decoders=_SKIP_IMAGE_DECODING)
-        return super().parse(_image_label(example))
+        return super().parse(_image_label(example), window)
 
 
 class _Source:
@@ -533,7 +577,7 @@ class _DigitsSource(_Source):
 
     def lookup(self, split: str, num_examples: int) -> _Lookup:
         images, labels = self._splits[split]
-        return _ArrayLookup(images[:num_examples], labels[:num_examples], tf.image.grayscale_to_rgb)
+        return _ArrayLookup(images[:num_examples], labels[:num_examples], _decode_array)
 
 
 def _source(ds_config: ml_collections.ConfigDict) -> _Source:
@@ -581,12 +625,16 @@ def inception_crop_window(image_shape: tf.Tensor, seed: tf.Tensor) -> tuple[tf.T
     return begin, crop_shape
 
 
-def _inception_crop(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
-    """Random-resized crop (`inception_crop_window`) to size x size, random flip."""
+def _inception_crop(
+    lookup: _Lookup, record: Any, size: int, seed: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """The record's image, random-resized cropped (`inception_crop_window`, only the window
+    decoded) to size x size and randomly flipped; and its label."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    begin, crop_shape = inception_crop_window(tf.shape(image), crop_seed)
-    image = _resize(tf.slice(image, begin, crop_shape), size)
-    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    window = functools.partial(inception_crop_window, seed=crop_seed)
+    image, label = lookup.parse(record, window)
+    image = tf.image.stateless_random_flip_left_right(_resize(image, size), seed=flip_seed)
+    return image, label
 
 
 def _resize_shorter_centre_crop(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -616,15 +664,16 @@ def _train_preprocess(lookup: _Lookup, ds_config: ml_collections.ConfigDict, see
     key = tf.constant(np.random.SeedSequence(seed).generate_state(2).astype(np.int64))
 
     def preprocess(epoch, index, record):
-        image, label = lookup.parse(record)
         fold_in = tf.random.experimental.stateless_fold_in
         example_key = fold_in(fold_in(key, epoch), index)
-        if ds_config.augment == "crop_flip":
-            image = _crop_flip(image, size, example_key)
-        elif ds_config.augment == "inception":
-            image = _inception_crop(image, size, example_key)
+        if ds_config.augment == "inception":
+            image, label = _inception_crop(lookup, record, size, example_key)
         else:
-            image = _resize(image, size)
+            image, label = lookup.parse(record)
+            if ds_config.augment == "crop_flip":
+                image = _crop_flip(image, size, example_key)
+            else:
+                image = _resize(image, size)
         return _example(image, label, index, ds_config)
 
     return preprocess
