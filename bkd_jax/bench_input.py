@@ -11,9 +11,10 @@ step to feed:
   otherwise generated 32x32 images.
 - ImageNet size: generated 500x375 JPEGs (about the mean ImageNet train image), the
   random-resized crop to 224 for training and the resize / centre crop for evaluation.
-  The pipeline decodes only the crop window of a JPEG (`tf.image.decode_and_crop_jpeg`);
-  a further row decodes the whole JPEG and then crops, on the same files and crop
-  distribution, to show what the fused decode buys.
+  The pipeline decodes only the crop window of a JPEG (`tf.image.decode_and_crop_jpeg`).
+  Further rows time the stages of that crop alone (`CROP_STAGES`: reading, decoding the
+  whole JPEG or only the window, resizing with or without antialiasing), on the same
+  files and crop distribution, to show where the host's time goes.
 - When grain and PIL are installed, the CIFAR pad-crop-flip once more through grain's
   `MapDataset` with numpy augmentations, as a TensorFlow-free loader.
 
@@ -24,6 +25,7 @@ rate is not. A GPU step of R images/s needs about R / rate host cores.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import pathlib
 import tarfile
@@ -94,21 +96,43 @@ def timed(batches: Iterator, count: int) -> tuple[float, float]:
     return images / (time.perf_counter() - wall), images / (time.process_time() - cpu)
 
 
-def whole_decode_crop_batches(root: pathlib.Path, size: int) -> Iterator:
-    """Random-resized crops of JPEGs decoded whole, then sliced: the unfused decode."""
+def _window(raw: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+    """The uint8 random-resized crop window of a JPEG, decoded alone."""
+    seed = tf.stack([index, tf.constant(0, tf.int64)])
+    begin, size = pipeline.inception_crop_window(tf.io.extract_jpeg_shape(raw), seed)
+    window = tf.stack([begin[0], begin[1], size[0], size[1]])
+    return tf.image.decode_and_crop_jpeg(raw, window, channels=3)
+
+
+def _resized(image: tf.Tensor, antialias: bool) -> tf.Tensor:
+    return tf.image.resize(
+        tf.image.convert_image_dtype(image, tf.float32), [224, 224], antialias=antialias
+    )
+
+
+# What one random-resized crop of a JPEG costs, stage by stage: (index, file path) -> tensor
+# (the decoded image's shape where images differ in size, so that they batch).
+CROP_STAGES: dict[str, Callable[[tf.Tensor, tf.Tensor], tf.Tensor]] = {
+    "read the file": lambda i, path: tf.strings.length(tf.io.read_file(path)),
+    "read, decode the whole JPEG": lambda i, path: tf.shape(
+        tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+    ),
+    "read, decode the crop window": lambda i, path: tf.shape(_window(tf.io.read_file(path), i)),
+    "read, decode the window, resize to 224 (antialiased, as the pipeline)": (
+        lambda i, path: _resized(_window(tf.io.read_file(path), i), antialias=True)
+    ),
+    "read, decode the window, resize to 224 (bilinear, no antialiasing)": (
+        lambda i, path: _resized(_window(tf.io.read_file(path), i), antialias=False)
+    ),
+}
+
+
+def stage_batches(root: pathlib.Path, stage: str) -> Iterator:
+    """Batches of one of `CROP_STAGES` over the train JPEGs under `root`, endlessly."""
     files = sorted(str(p) for p in (root / "train").glob("*/*.jpg"))
-
-    def crop(index, path):
-        image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
-        seed = tf.stack([index, tf.constant(0, tf.int64)])
-        begin, crop_size = pipeline.inception_crop_window(tf.shape(image), seed)
-        image = tf.image.convert_image_dtype(tf.slice(image, begin, crop_size), tf.float32)
-        image = tf.image.resize(image, [size, size], antialias=True)  # as the pipeline
-        return {"image": tf.image.stateless_random_flip_left_right(image, seed)}
-
     ds = tf.data.Dataset.from_tensor_slices(files).repeat().enumerate()
-    ds = ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE).batch(_BATCH)
-    return ds.prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+    ds = ds.map(lambda i, path: {"image": CROP_STAGES[stage](i, path)}, tf.data.AUTOTUNE)
+    return ds.batch(_BATCH).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
 
 
 def grain_crop_flip_batches(root: pathlib.Path, config: ml_collections.ConfigDict) -> Iterator:
@@ -167,9 +191,11 @@ def rows(workdir: pathlib.Path, tarball: pathlib.Path | None, count: int) -> lis
         (cifar_name, "pad-crop-flip (train)", train(folder_config(cifar, 32, "crop_flip"))),
         (large_name, "random-resized crop 224, window decoded (train)", train(large_config)),
         (large_name, "resize 256, centre crop 224 (eval)", evaluate(large_config)),
-        (large_name, "random-resized crop 224, whole image decoded",
-         lambda: whole_decode_crop_batches(large, 224)),
-    ]  # fmt: skip
+    ]
+    cases += [
+        (large_name, f"stage: {stage}", functools.partial(stage_batches, large, stage))
+        for stage in CROP_STAGES
+    ]
     if importlib.util.find_spec("grain") and importlib.util.find_spec("PIL"):
         config = folder_config(cifar, 32, "crop_flip")
         cases.append((cifar_name, "pad-crop-flip, grain + numpy (no TensorFlow)",

@@ -186,10 +186,10 @@ def test_input_bench_runs_the_pipeline_on_generated_jpegs(tmp_path):
     from bkd_jax import bench_input
 
     measured = bench_input.rows(tmp_path, None, count=1)
-    assert [what for _, what, *_ in measured][:4] == [
+    assert [what for _, what, *_ in measured][:8] == [
         "pad-crop-flip (train)",
         "random-resized crop 224, window decoded (train)",
         "resize 256, centre crop 224 (eval)",
-        "random-resized crop 224, whole image decoded",
+        *(f"stage: {stage}" for stage in bench_input.CROP_STAGES),
     ]
     assert all(rate > 0 and per_core > 0 for *_, rate, per_core in measured)
