@@ -49,7 +49,7 @@ from flax import traverse_util
 
 from bkd_jax import pth
 from bkd_jax.blocknet import BlockNet
-from bkd_jax.models import available, get_model
+from bkd_jax.models import available, get_model, smallest_input_size
 
 # PyTorch leaf -> where it may live in Flax: (collection, leaf) candidates, first match wins.
 _TARGETS = {
@@ -125,16 +125,9 @@ def _torch_shape(flax_shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _probe_size(net: BlockNet) -> int:
-    """An input side length valid for `net` (small: only shapes are traced)."""
-    if net.input_size is not None:
-        return net.input_size
-    return 64 if net.name.startswith("imagenet_") else 32
-
-
 def variable_shapes(net: BlockNet) -> dict[FlatKey, jax.ShapeDtypeStruct]:
     """Every variable of `net`, flattened, as abstract shapes (nothing is computed)."""
-    size = _probe_size(net)
+    size = smallest_input_size(net)
     x = jax.ShapeDtypeStruct((1, size, size, net.input_channels), jnp.float32)
     return traverse_util.flatten_dict(jax.eval_shape(net.init, jax.random.key(0), x))
 

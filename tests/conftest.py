@@ -32,12 +32,8 @@ SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def input_size(model_name: str) -> int:
-    """Smallest convenient input side: 32 for CIFAR models, 64 for ImageNet ones; the side
-    a model with position embeddings requires (ViT)."""
-    fixed = models.get_model(model_name, 1).input_size
-    if fixed is not None:
-        return fixed
-    return 64 if model_name.startswith("imagenet_") else 32
+    """`models.smallest_input_size` of zoo model `model_name`."""
+    return models.smallest_input_size(models.get_model(model_name, 1))
 
 
 # Zoo models whose blocks output feature maps; token models (ViT) have tests of their own

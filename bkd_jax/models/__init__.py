@@ -45,3 +45,11 @@ def get_model(name: str, num_classes: int, dtype: jnp.dtype = jnp.float32) -> Bl
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
     return _REGISTRY[name](num_classes, dtype)
+
+
+def smallest_input_size(net: BlockNet) -> int:
+    """A small input side `net` accepts, for tracing shapes and for tests: the side a model
+    with position embeddings requires (ViT), 64 for ImageNet models, 32 for CIFAR ones."""
+    if net.input_size is not None:
+        return net.input_size
+    return 64 if net.name.startswith("imagenet_") else 32
