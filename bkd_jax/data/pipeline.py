@@ -233,10 +233,12 @@ def _decode_encoded(raw: tf.Tensor, window: CropWindow | None = None) -> tf.Tens
     """PNG/JPEG/... bytes -> float32 [H, W, 3] in [0, 1], cropped to `window` if given.
 
     A JPEG's crop window is sampled from its header and only that window is decoded
-    (`decode_and_crop_jpeg`, at a third to two thirds of the CPU of decoding the whole
-    image for random-resized crops); other formats are decoded whole, then sliced. The
-    pixels are those of the whole decode, except that with subsampled chroma (4:2:0, as
-    most photographs) the window's outermost rows and columns may differ: their chroma is
+    (`decode_and_crop_jpeg`: the decoder stops after the window's last row and does not
+    transform the columns beside it; a random-resized crop of an ImageNet-size photo
+    costs about 15% less CPU than the whole decode, see BENCHMARKS.md); other formats
+    (by their bytes, not their file names) are decoded whole, then sliced. The pixels are
+    those of the whole decode, except that with subsampled chroma (4:2:0, as in most
+    photographs) the window's outermost rows and columns may differ: their chroma is
     upsampled without the neighbours outside the window.
     """
 
