@@ -96,33 +96,27 @@ def timed(batches: Iterator, count: int) -> tuple[float, float]:
     return images / (time.perf_counter() - wall), images / (time.process_time() - cpu)
 
 
-def _window(raw: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
-    """The uint8 random-resized crop window of a JPEG, decoded alone."""
+def _window(path: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+    """The pipeline's decode of the random-resized crop window of the JPEG at `path`."""
     seed = tf.stack([index, tf.constant(0, tf.int64)])
-    begin, size = pipeline.inception_crop_window(tf.io.extract_jpeg_shape(raw), seed)
-    window = tf.stack([begin[0], begin[1], size[0], size[1]])
-    return tf.image.decode_and_crop_jpeg(raw, window, channels=3)
+    window = functools.partial(pipeline.inception_crop_window, seed=seed)
+    return pipeline.decode_encoded(tf.io.read_file(path), window)
 
 
-def _resized(image: tf.Tensor, antialias: bool) -> tf.Tensor:
-    return tf.image.resize(
-        tf.image.convert_image_dtype(image, tf.float32), [224, 224], antialias=antialias
-    )
-
-
-# What one random-resized crop of a JPEG costs, stage by stage: (index, file path) -> tensor
-# (the decoded image's shape where images differ in size, so that they batch).
+# What one random-resized crop of a JPEG costs, stage by stage, through the pipeline's
+# decode: (index, file path) -> tensor (the decoded image's shape where images differ in
+# size, so that they batch).
 CROP_STAGES: dict[str, Callable[[tf.Tensor, tf.Tensor], tf.Tensor]] = {
     "read the file": lambda i, path: tf.strings.length(tf.io.read_file(path)),
     "read, decode the whole JPEG": lambda i, path: tf.shape(
-        tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+        pipeline.decode_encoded(tf.io.read_file(path))
     ),
-    "read, decode the crop window": lambda i, path: tf.shape(_window(tf.io.read_file(path), i)),
+    "read, decode the crop window": lambda i, path: tf.shape(_window(path, i)),
     "read, decode the window, resize to 224 (antialiased, as the pipeline)": (
-        lambda i, path: _resized(_window(tf.io.read_file(path), i), antialias=True)
+        lambda i, path: tf.image.resize(_window(path, i), [224, 224], antialias=True)
     ),
     "read, decode the window, resize to 224 (bilinear, no antialiasing)": (
-        lambda i, path: _resized(_window(tf.io.read_file(path), i), antialias=False)
+        lambda i, path: tf.image.resize(_window(path, i), [224, 224], antialias=False)
     ),
 }
 

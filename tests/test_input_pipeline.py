@@ -247,8 +247,8 @@ def test_window_decode_of_subsampled_jpegs_differs_only_on_the_window_edge():
             del shape
             return pipeline.tf.constant(begin), pipeline.tf.constant(size)
 
-        cropped = pipeline._decode_encoded(raw, window).numpy()
-        whole = pipeline._decode_encoded(raw).numpy()[top : top + size[0], left : left + size[1]]
+        cropped = pipeline.decode_encoded(raw, window).numpy()
+        whole = pipeline.decode_encoded(raw).numpy()[top : top + size[0], left : left + size[1]]
         assert cropped.shape == whole.shape
         np.testing.assert_array_equal(cropped[1:-1, 1:-1], whole[1:-1, 1:-1])
         edges_differ += not np.array_equal(cropped, whole)

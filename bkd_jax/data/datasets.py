@@ -16,7 +16,7 @@ Config (`config.dataset`; `default_dataset_config(name)` fills in the defaults):
   augment: one of `AUGMENTATIONS`. "crop_flip": pad 4 zero pixels, random crop
     image_size, random horizontal flip (mdistiller's CIFAR recipe). "inception": random
     resized crop (area 8%..100%, aspect 3/4..4/3) to image_size, random flip (of a JPEG
-    only the crop window is decoded, see `pipeline._decode_encoded`); evaluation then
+    only the crop window is decoded, see `pipeline.decode_encoded`); evaluation then
     resizes the shorter side to image_size * 256 / 224 and takes the centre crop.
     "none". Default "crop_flip" (CIFAR), "inception" (imagenet2012, image_folder),
     "none" (digits). Without "inception", images are resized to image_size (a no-op when

@@ -229,13 +229,13 @@ def _crop(image: tf.Tensor, window: CropWindow | None) -> tf.Tensor:
     return tf.slice(image, begin, size)
 
 
-def _decode_encoded(raw: tf.Tensor, window: CropWindow | None = None) -> tf.Tensor:
+def decode_encoded(raw: tf.Tensor, window: CropWindow | None = None) -> tf.Tensor:
     """PNG/JPEG/... bytes -> float32 [H, W, 3] in [0, 1], cropped to `window` if given.
 
     A JPEG's crop window is sampled from its header and only that window is decoded
     (`decode_and_crop_jpeg`: the decoder stops after the window's last row and does not
-    transform the columns beside it; a random-resized crop of an ImageNet-size photo
-    costs about 15% less CPU than the whole decode, see BENCHMARKS.md); other formats
+    transform the columns beside it; for random-resized crops of ImageNet-size photos
+    the decode costs about a quarter less CPU, see BENCHMARKS.md); other formats
     (by their bytes, not their file names) are decoded whole, then sliced. The pixels are
     those of the whole decode, except that with subsampled chroma (4:2:0, as in most
     photographs) the window's outermost rows and columns may differ: their chroma is
@@ -258,8 +258,8 @@ def _decode_encoded(raw: tf.Tensor, window: CropWindow | None = None) -> tf.Tens
 
 
 def _decode_file(path: tf.Tensor, window: CropWindow | None = None) -> tf.Tensor:
-    """`_decode_encoded` of the file at `path`."""
-    return _decode_encoded(tf.io.read_file(path), window)
+    """`decode_encoded` of the file at `path`."""
+    return decode_encoded(tf.io.read_file(path), window)
 
 
 def _decode_array(image: tf.Tensor, window: CropWindow | None = None) -> tf.Tensor:
@@ -272,7 +272,7 @@ class _Lookup:
     indices, `parse` turns one record into (float32 [H, W, 3] image in [0, 1], label),
     decoding only the crop `window` of the image when one is given."""
 
-    def __init__(self, decode=_decode_encoded):
+    def __init__(self, decode=decode_encoded):
         self._decode = decode
 
     def fetch(self, indices: tf.Tensor) -> Any:
@@ -291,7 +291,7 @@ class _Lookup:
 class _ArrayLookup(_Lookup):
     """A split held in host memory: images, encoded images or file paths."""
 
-    def __init__(self, raw: np.ndarray, labels: np.ndarray, decode=_decode_encoded):
+    def __init__(self, raw: np.ndarray, labels: np.ndarray, decode=decode_encoded):
         super().__init__(decode)
         self._raw = tf.constant(raw)
         self._labels = tf.constant(labels, tf.int64)
