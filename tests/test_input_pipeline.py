@@ -98,7 +98,7 @@ def test_cifar100_info_counts_mock_examples_and_caps():
         capped = pipeline.dataset_info(config("cifar100", max_train_examples=5))
     assert info == datasets.DatasetInfo(100, (32, 32, 3), 9, 9)
     assert (capped.num_train, capped.num_eval) == (5, 9)
-    assert pipeline.steps_per_epoch(info, global_batch_size=4) == 2
+    assert datasets.steps_per_epoch(info, global_batch_size=4) == 2
 
 
 def test_train_batches_shapes_dtypes_and_label_range():
@@ -186,13 +186,14 @@ def test_crop_flip_crops_the_zero_padded_original(tmp_path):
 def test_inception_output_shapes_on_non_square_images(tmp_path):
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (40, 24, 3), np.uint8) for _ in range(3)]
-    root = write_images(tmp_path, {"train": {"a": images, "b": images}, "test": {"a": images}})
+    splits = {"train": {"a": images, "b": images}, "test": {"a": images, "b": images[:1]}}
+    root = write_images(tmp_path, splits)
     ds_config = config("image_folder", data_dir=root, image_size=16)
     (train,) = take(pipeline.train_batches(ds_config, global_batch_size=6, seed=0), 1)
-    (evaluated,) = pipeline.eval_batches(ds_config, global_batch_size=4)
+    (evaluated,) = pipeline.eval_batches(ds_config, global_batch_size=8)
     assert train["image"].shape == (6, 16, 16, 3)
-    assert evaluated["image"].shape == (4, 16, 16, 3)
-    assert evaluated["mask"].tolist() == [True, True, True, False]
+    assert evaluated["image"].shape == (8, 16, 16, 3)
+    assert evaluated["mask"].tolist() == [True] * 4 + [False] * 4
 
 
 def smooth_jpeg(rng: np.random.Generator, shape: tuple[int, int], subsampling: int) -> bytes:
@@ -223,7 +224,7 @@ def test_inception_crop_decodes_a_jpeg_window_to_the_pixels_of_the_whole_decode(
             else:
                 PIL.Image.fromarray(pixels).save(path)
     for root in ("jpeg", "png"):
-        write_images(tmp_path / root, {"test": {"c0": [constant_image(0)]}})
+        write_images(tmp_path / root, {"test": {c: [constant_image(0)] for c in ("c0", "c1")}})
 
     def stream(root: str) -> list[dict[str, np.ndarray]]:
         ds_config = config("image_folder", data_dir=str(tmp_path / root), image_size=24)
@@ -607,8 +608,12 @@ def test_image_that_does_not_decode_stops_training_naming_it(numbered_folder):
 
 
 def test_empty_class_folder_and_missing_split_folders(tmp_path, numbered_folder):
+    write_images(pathlib.Path(numbered_folder), {"train": {"c3": [constant_image(0)]}})
     (pathlib.Path(numbered_folder) / "test" / "c3").mkdir()
     with pytest.raises(ValueError, match=f"class folder {numbered_folder}/test/c3 has no image"):
+        pipeline.dataset_info(numbered_config(numbered_folder))
+    (pathlib.Path(numbered_folder) / "test" / "c3").rmdir()
+    with pytest.raises(ValueError, match=r"test lacks 1 class folders that other splits have: c3;"):
         pipeline.dataset_info(numbered_config(numbered_folder))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=f"image folder {tmp_path}/empty has no split folders"):
