@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from bkd_jax.config_defaults import base_config
-from bkd_jax.training import checkpointing, loop, nonfinite
+from bkd_jax.training import checkpointing, inputs, loop, nonfinite
 
 NAN_STEP = 4
 # The gradient is always non-finite; the loss terms too where NaN propagates through ReLU
@@ -82,15 +82,16 @@ def test_unknown_mode_is_an_error():
 
 @pytest.fixture
 def nan_batch_at_step(monkeypatch):
-    real = loop.pipeline.train_batches
+    real = inputs.DeviceLoader.train_batches
 
-    def poisoned(*args, start_step: int = 0, **kwargs):
-        for step, batch in enumerate(real(*args, start_step=start_step, **kwargs), start_step + 1):
+    def poisoned(self, global_batch_size: int, seed: int, start_step: int):
+        batches = real(self, global_batch_size, seed, start_step)
+        for step, batch in enumerate(batches, start_step + 1):
             if step == NAN_STEP:
-                batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+                batch = {**batch, "image": batch["image"] * np.nan}  # keeps its sharding
             yield batch
 
-    monkeypatch.setattr(loop.pipeline, "train_batches", poisoned)
+    monkeypatch.setattr(inputs.DeviceLoader, "train_batches", poisoned)
 
 
 def _config(on_nonfinite: str):

@@ -6,9 +6,26 @@ TensorFlow, reads the data.
 Config (`config.dataset`; `default_dataset_config(name)` fills in the defaults):
   name: one of `DATASETS`: "cifar100", "cifar10", "imagenet2012" (TFDS), "image_folder"
     (``data_dir/<split>/<class>/<image>``; classes are the sorted class folder names of
-    all splits) or "digits" (scikit-learn's 1797 8x8 grey digits, a fixed split of 1437
-    train / 360 test, values scaled from 0..16 to [0, 1]).
-  data_dir: TFDS data dir (None: TFDS's default) or the image folder root. Default None.
+    all splits, and every split has every class), "digits" (scikit-learn's 1797 8x8 grey
+    digits, a fixed split of 1437 train / 360 test, values scaled from 0..16 to [0, 1]) or
+    "npz" (``data_dir/<split>.npz`` with uint8 ``images`` and integer ``labels``, see
+    `bkd_jax.data.arrays`).
+  data_dir: TFDS data dir (None: TFDS's default), the image folder root or the folder of
+    the .npz files. Default None.
+  loader: one of `LOADERS`, how batches reach the devices. "device": every split is
+    decoded once into uint8 arrays that live on each device; each step gathers its batch
+    by index and augments it there (`bkd_jax.training.inputs`), with no per-step host
+    work and no TensorFlow. "host": tf.data decodes and augments every batch on the host
+    CPU (`bkd_jax.data.pipeline`; needs the ``tf`` extra). "auto": "device" when the data
+    can be held that way (digits, npz, image folders, TFDS data in the ArrayRecord format;
+    not the "inception" augmentation, which crops full-size images) and both decoded splits
+    fit in ``device_memory_share`` of one device's memory, else "host"; the log says which
+    and why. Default "auto".
+  device_memory_share: the share of one device's memory (of host memory per CPU device)
+    the decoded splits may take under loader "auto" or "device". Default 0.25.
+  cutout: side of the square zeroed at a random centre of every normalised training
+    image (DeVries & Taylor 2017, github uoguelph-mlrg/Cutout: 16 for CIFAR-10, 8 for
+    CIFAR-100), after the other augmentation; 0 turns it off. Device loader only. Default 0.
   train_split, eval_split: whole split names. Default "train" / "test"
     ("train" / "validation" for imagenet2012).
   image_size: side of the square output images. Default 32 (CIFAR), 224 (imagenet2012,
@@ -27,6 +44,10 @@ Config (`config.dataset`; `default_dataset_config(name)` fills in the defaults):
     that are unreadable or have no image header. "fail": an error naming them when the
     data set is opened, before training. "skip": leave them out, logging how many and
     which. Default "fail".
+  cache_dir (image_folder only): where the device loader caches decoded splits. Default
+    None: ``data_dir/.bkd_jax_cache``.
+  num_classes (npz only): the class count; labels must lie in [0, num_classes). Default
+    None: the largest training label + 1.
   max_train_examples, max_eval_examples: use only the first that many examples of a split
     (quick runs, tests). Default None (all).
 
@@ -42,11 +63,13 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import ml_collections
+import numpy as np
 from ml_collections import config_dict
 
-DATASETS = ("cifar100", "cifar10", "imagenet2012", "image_folder", "digits")
+DATASETS = ("cifar100", "cifar10", "imagenet2012", "image_folder", "digits", "npz")
 AUGMENTATIONS = ("none", "crop_flip", "inception")
 BAD_FILES = ("fail", "skip")
+LOADERS = ("auto", "device", "host")
 
 _CIFAR = {"image_size": 32, "augment": "crop_flip"}
 _IMAGENET_STATS = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
@@ -59,7 +82,12 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     },
     "cifar10": {**_CIFAR, "mean": (0.4914, 0.4822, 0.4465), "std": (0.2470, 0.2435, 0.2616)},
     "imagenet2012": {**_LARGE, **_IMAGENET_STATS, "eval_split": "validation"},
-    "image_folder": {**_LARGE, **_IMAGENET_STATS, "bad_files": "fail"},
+    "image_folder": {
+        **_LARGE,
+        **_IMAGENET_STATS,
+        "bad_files": "fail",
+        "cache_dir": config_dict.placeholder(str),
+    },
     # Statistics of all 1797 digits scaled to [0, 1].
     "digits": {
         "image_size": 8,
@@ -67,6 +95,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "mean": (0.3053,) * 3,
         "std": (0.3760,) * 3,
     },
+    # User arrays: CIFAR's size and recipe, ImageNet's statistics, until told otherwise.
+    "npz": {**_CIFAR, **_IMAGENET_STATS, "num_classes": config_dict.placeholder(int)},
 }
 
 
@@ -90,9 +120,28 @@ def default_dataset_config(name: str) -> ml_collections.ConfigDict:
             "eval_split": "test",
             "max_train_examples": config_dict.placeholder(int),
             "max_eval_examples": config_dict.placeholder(int),
+            "loader": "auto",
+            "device_memory_share": 0.25,
+            "cutout": 0,
             **_DEFAULTS[name],
         }
     )
+
+
+def steps_per_epoch(info: DatasetInfo, global_batch_size: int) -> int:
+    """Training steps in one epoch; the last incomplete global batch is dropped."""
+    return info.num_train // global_batch_size
+
+
+def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+    """The order of the training examples in `epoch`: a permutation drawn from (seed, epoch).
+
+    Both loaders order every epoch with it, so the global batch of step ``k = e * S + s``
+    (S steps per epoch, global batch B) is ``perm_e[s * B : (s + 1) * B]`` for any number
+    of processes and devices.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch]))
+    return rng.permutation(num_examples)
 
 
 def check_choice(kind: str, value: str, known: tuple[str, ...]) -> None:

@@ -58,7 +58,6 @@ Config: `config.dataset`, documented in `bkd_jax.data.datasets`.
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
 import functools
 import itertools
 import math
@@ -72,19 +71,16 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from absl import logging
 
-from bkd_jax.data.datasets import AUGMENTATIONS, BAD_FILES, DATASETS, DatasetInfo, check_choice
+from bkd_jax.data import arrays, datasets, folders
+from bkd_jax.data.datasets import AUGMENTATIONS, DATASETS, DatasetInfo, check_choice
 
 # JAX owns the accelerators; tf.data runs on the host CPU only.
 tf.config.set_visible_devices([], "GPU")
 
 IN_MEMORY_LIMIT_BYTES = 16 * 2**30
 _CROP_PADDING = 4
-_DIGITS_NUM_TEST = 360
 _FETCH_CHUNK = 256  # Indices per lookup call, which may run Python code.
-_FILE_CHECK_THREADS = 32  # Header reads are I/O bound (and slow on remote file systems).
-_BAD_FILES_SHOWN = 5
 
 
 def dataset_info(ds_config: ml_collections.ConfigDict) -> DatasetInfo:
@@ -101,17 +97,6 @@ def _describe(source: _Source, ds_config: ml_collections.ConfigDict) -> DatasetI
         num_train=_capped(source.count(ds_config.train_split), ds_config.max_train_examples),
         num_eval=_capped(source.count(ds_config.eval_split), ds_config.max_eval_examples),
     )
-
-
-def steps_per_epoch(info: DatasetInfo, global_batch_size: int) -> int:
-    """Training steps in one epoch; the last incomplete global batch is dropped."""
-    return info.num_train // global_batch_size
-
-
-def _epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
-    """The order of the training examples in `epoch`: a permutation drawn from (seed, epoch)."""
-    rng = np.random.default_rng(np.random.SeedSequence([seed, epoch]))
-    return rng.permutation(num_examples)
 
 
 def train_batches(
@@ -141,7 +126,7 @@ def train_batches(
     local_batch = _local_batch_size(global_batch_size, count)
     source = _source(ds_config)
     info = _describe(source, ds_config)
-    steps = steps_per_epoch(info, global_batch_size)
+    steps = datasets.steps_per_epoch(info, global_batch_size)
     if steps == 0:
         raise ValueError(
             f"global_batch_size {global_batch_size} exceeds the {info.num_train} training "
@@ -154,7 +139,8 @@ def train_batches(
 
     def host_rows(epoch: int) -> np.ndarray:
         """[steps, local_batch] example indices of this process in `epoch`, from start_step."""
-        order = _epoch_permutation(seed, int(epoch), info.num_train)[: steps * global_batch_size]
+        order = datasets.epoch_permutation(seed, int(epoch), info.num_train)
+        order = order[: steps * global_batch_size]
         skip = first_step if epoch == first_epoch else 0
         return order.reshape(steps, global_batch_size)[skip:, rows]
 
@@ -260,11 +246,6 @@ def decode_encoded(raw: tf.Tensor, window: CropWindow | None = None) -> tf.Tenso
 def _decode_file(path: tf.Tensor, window: CropWindow | None = None) -> tf.Tensor:
     """`decode_encoded` of the file at `path`."""
     return decode_encoded(tf.io.read_file(path), window)
-
-
-def _decode_array(image: tf.Tensor, window: CropWindow | None = None) -> tf.Tensor:
-    """A grayscale float32 array in [0, 1] as RGB, cropped to `window` if given."""
-    return _crop(tf.image.grayscale_to_rgb(image), window)
 
 
 class _Lookup:
@@ -428,19 +409,7 @@ class _TfdsSource(_Source):
         return pathlib.Path(self._builder.data_dir).parents[1]
 
     def _not_prepared_message(self) -> str:
-        root = self._root()
-        message = (
-            f"TFDS data set {self._name!r} is not prepared in data_dir {root} (searched "
-            f"{self._builder.data_dir}); bkd_jax never downloads. Prepare it once on a "
-            f"machine with network, `tfds build {self._name} --data_dir={root}`, and copy "
-            "it there, or set dataset.data_dir to where it is."
-        )
-        if self._name == "imagenet2012":
-            message += (
-                " ImageNet cannot be downloaded by TFDS: put ILSVRC2012_img_train.tar and "
-                f"ILSVRC2012_img_val.tar in {root}/downloads/manual before `tfds build`."
-            )
-        return message
+        return arrays.tfds_not_prepared_message(self._name, self._builder.data_dir)
 
 
 _SKIP_IMAGE_DECODING = {"image": tfds.decode.SkipDecoding()}
@@ -451,135 +420,38 @@ def _image_label(example: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
 
 
 class _FolderSource(_Source):
-    """``root/<split>/<class>/<image>``; classes are the sorted class folder names of all
-    splits, a split's examples its files sorted by class and file name."""
+    """An image folder (`bkd_jax.data.folders`), each file read when its example is parsed."""
 
     def __init__(self, root: str | None, bad_files: str):
-        if not root or not tf.io.gfile.isdir(root):
-            raise ValueError(
-                f"image_folder root {root!r} is not a directory; set dataset.data_dir to a "
-                "folder laid out as <data_dir>/<split>/<class>/<image>"
-            )
-        check_choice("bad_files setting", bad_files, BAD_FILES)
-        self._root = root
-        self._bad_files = bad_files
-        self._splits = _subfolders(root)
-        if not self._splits:
-            raise ValueError(
-                f"image folder {root} has no split folders; expected {root}/<split>/<class>/<image>"
-            )
-        classes = {c for split in self._splits for c in _subfolders(_join(root, split))}
-        self._classes = tuple(sorted(classes))
-        self.num_classes = len(self._classes)
+        self._folder = folders.ImageFolder(root, bad_files)
+        self.num_classes = self._folder.num_classes
 
     def count(self, split: str) -> int:
-        return len(self._files(split)[0])
+        return len(self._folder.files(split).paths)
 
     def lookup(self, split: str, num_examples: int) -> _Lookup:
-        paths, labels = self._files(split)
+        paths, labels = self._folder.files(split)
         return _FileLookup(paths[:num_examples], labels[:num_examples])
 
-    def _files(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        if split not in self._splits:
-            raise ValueError(
-                f"image folder {self._root} has no split folder {split!r} with images in "
-                f"class subfolders; split folders found: {self._splits}"
-            )
-        return _scan_split(_join(self._root, split), self._classes, self._bad_files)
 
+class _ArraysSource(_Source):
+    """A `bkd_jax.data.arrays` source held in host memory: the digits, or .npz arrays."""
 
-@functools.lru_cache(maxsize=16)
-def _scan_split(
-    split_dir: str, classes: tuple[str, ...], bad_files: str
-) -> tuple[np.ndarray, np.ndarray]:
-    """(paths, labels) of a split's checked image files, sorted by class and file name."""
-    found = _subfolders(split_dir)
-    if not found:
-        raise ValueError(f"split folder {split_dir} has no class folders")
-    paths, labels = [], []
-    for name in found:
-        class_dir = _join(split_dir, name)
-        names = tf.io.gfile.listdir(class_dir)
-        files = sorted(f for f in names if not f.startswith(".") and not f.endswith("/"))
-        if not files:
-            raise ValueError(f"class folder {class_dir} has no image files")
-        paths += [_join(class_dir, f) for f in files]
-        labels += [classes.index(name)] * len(files)
-    with concurrent.futures.ThreadPoolExecutor(_FILE_CHECK_THREADS) as pool:
-        problems = list(pool.map(_file_problem, paths))
-    bad = [(path, problem) for path, problem in zip(paths, problems, strict=True) if problem]
-    if bad:
-        _report_bad_files(split_dir, bad, bad_files)
-        kept = [i for i, problem in enumerate(problems) if problem is None]
-        paths, labels = [paths[i] for i in kept], [labels[i] for i in kept]
-        empty = sorted(set(found) - {classes[label] for label in labels})
-        if empty:
-            raise ValueError(f"class folders {empty} of {split_dir} have no readable images")
-    return np.array(paths, dtype=object), np.array(labels, np.int64)
-
-
-_IMAGE_MAGIC = (
-    b"\xff\xd8\xff",  # JPEG
-    b"\x89PNG\r\n\x1a\n",
-    b"GIF87a",
-    b"GIF89a",
-    b"BM",
-    b"\xff\x0a",  # JPEG XL codestream
-    b"\x00\x00\x00\x0cJXL \r\n\x87\n",  # JPEG XL container
-)
-
-
-def _file_problem(path: str) -> str | None:
-    """None if the file starts like an image `tf.io.decode_image` reads, else the problem."""
-    try:
-        with tf.io.gfile.GFile(path, "rb") as f:
-            head = f.read(12)
-    except (OSError, tf.errors.OpError) as error:
-        return f"unreadable ({error})"
-    if head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"):
-        return None
-    return "not an image (no JPEG, PNG, GIF, BMP, WebP or JPEG XL header)"
-
-
-def _report_bad_files(split_dir: str, bad: list[tuple[str, str]], bad_files: str) -> None:
-    """Raises ValueError listing the bad files, or logs them when they are skipped."""
-    listing = "; ".join(f"{path}: {problem}" for path, problem in bad[:_BAD_FILES_SHOWN])
-    if len(bad) > _BAD_FILES_SHOWN:
-        listing += f"; and {len(bad) - _BAD_FILES_SHOWN} more"
-    if bad_files == "fail":
-        raise ValueError(
-            f"{len(bad)} bad image files in {split_dir}: {listing}. Remove them, or set "
-            "dataset.bad_files='skip' to leave them out"
-        )
-    logging.warning("Skipping %d bad image files in %s: %s", len(bad), split_dir, listing)
-
-
-class _DigitsSource(_Source):
-    """scikit-learn's digits with a fixed split: the 360 first of a seed-0 permutation test."""
-
-    num_classes = 10
-
-    def __init__(self):
-        from sklearn.datasets import load_digits  # Imported here: only this source needs it.
-
-        digits = load_digits()
-        images = (digits.images / 16.0).astype(np.float32)[..., None]
-        labels = digits.target.astype(np.int64)
-        order = np.random.default_rng(0).permutation(len(labels))
-        test, train = order[:_DIGITS_NUM_TEST], order[_DIGITS_NUM_TEST:]
-        self._splits = {
-            "train": (images[train], labels[train]),
-            "test": (images[test], labels[test]),
-        }
+    def __init__(self, source: arrays.ArraySource):
+        self._source = source
+        self.num_classes = source.num_classes
 
     def count(self, split: str) -> int:
-        if split not in self._splits:
-            raise ValueError(f"digits has no split {split!r}; it has {sorted(self._splits)}")
-        return len(self._splits[split][1])
+        return self._source.count(split)
 
     def lookup(self, split: str, num_examples: int) -> _Lookup:
-        images, labels = self._splits[split]
-        return _ArrayLookup(images[:num_examples], labels[:num_examples], _decode_array)
+        images, labels = self._source.load(split, num_examples)
+        white = self._source.white
+
+        def decode(image: tf.Tensor, window: CropWindow | None = None) -> tf.Tensor:
+            return _crop(tf.cast(image, tf.float32) / white, window)
+
+        return _ArrayLookup(images, labels, decode)
 
 
 def _source(ds_config: ml_collections.ConfigDict) -> _Source:
@@ -588,8 +460,8 @@ def _source(ds_config: ml_collections.ConfigDict) -> _Source:
     check_choice("augmentation", ds_config.augment, AUGMENTATIONS)
     if ds_config.name == "image_folder":
         return _FolderSource(ds_config.data_dir, ds_config.bad_files)
-    if ds_config.name == "digits":
-        return _DigitsSource()
+    if ds_config.name in ("digits", "npz"):
+        return _ArraysSource(arrays.open_source(ds_config))
     return _TfdsSource(ds_config.name, ds_config.data_dir)
 
 
@@ -737,16 +609,6 @@ def _close_open_streams() -> None:
     one of them calling Python code (`tf.numpy_function`) then would abort the process."""
     for stream in list(_OPEN_STREAMS):
         stream.close()
-
-
-def _subfolders(path: str) -> list[str]:
-    """Sorted names of the folders in `path`, hidden ones (".name") left out."""
-    names = (name.rstrip("/") for name in tf.io.gfile.listdir(path))
-    return sorted(n for n in names if not n.startswith(".") and tf.io.gfile.isdir(_join(path, n)))
-
-
-def _join(*parts: str) -> str:
-    return "/".join(p.rstrip("/") for p in parts)
 
 
 def _deterministic() -> tf.data.Options:

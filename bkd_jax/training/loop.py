@@ -41,13 +41,13 @@ from etils import epath
 from jax.sharding import Mesh
 
 from bkd_jax import distillers, models, optim, steps
-from bkd_jax.data import datasets, pipeline
+from bkd_jax.data import datasets
 from bkd_jax.training import (
     checkpointing,
     config_guard,
+    inputs,
     nonfinite,
     preemption,
-    prefetch,
     profiling,
     sharding,
 )
@@ -144,19 +144,13 @@ def jit_eval_step(distiller: distillers.Distiller, mesh: Mesh) -> Callable:
     )
 
 
-def to_devices(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows of a batch as global arrays: the one explicit host-to-device
-    transfer of the loop, allowed under its transfer guard (on several processes JAX
-    assembles the array through a transfer the guard would otherwise refuse)."""
-    with jax.transfer_guard("allow"):
-        return sharding.global_batch(local, mesh)
-
-
-def evaluate(eval_step, state, teacher_vars, config, mesh) -> dict[str, float]:
+def evaluate(
+    eval_step: Callable, state: Any, teacher_vars: Any, loader: inputs.Loader, batch_size: int
+) -> dict[str, float]:
     """Top-1/top-5 of every evaluated model over the whole eval split."""
     sums = None
-    for local in pipeline.eval_batches(config.dataset, global_batch_size=config.eval_batch_size):
-        out = eval_step(state, teacher_vars, to_devices(local, mesh))
+    for batch in loader.eval_batches(batch_size):
+        out = eval_step(state, teacher_vars, batch)
         sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     sums = jax.device_get(sums)
     count = float(sums.pop("count"))
@@ -175,6 +169,7 @@ class _Setup(NamedTuple):
     """What a config builds before any compute: everything checked, nothing written."""
 
     info: datasets.DatasetInfo
+    loader: inputs.Loader
     mesh: Mesh
     steps_per_epoch: int
     total_steps: int
@@ -187,11 +182,12 @@ class _Setup(NamedTuple):
 def _set_up(config: ml_collections.ConfigDict) -> _Setup:
     """Validates `config` against the data, the devices and the checkpoints it names."""
     validate_config(config)
-    info = pipeline.dataset_info(config.dataset)
     mesh = sharding.make_mesh()
     sharding.check_batch_size(config.global_batch_size, mesh, "config.global_batch_size")
     sharding.check_batch_size(config.eval_batch_size, mesh, "config.eval_batch_size")
-    steps_per_epoch = pipeline.steps_per_epoch(info, config.global_batch_size)
+    loader = inputs.make_loader(config.dataset, mesh)
+    info = loader.info
+    steps_per_epoch = datasets.steps_per_epoch(info, config.global_batch_size)
     if steps_per_epoch < 1:
         raise ValueError(
             f"config.global_batch_size {config.global_batch_size} exceeds the "
@@ -214,6 +210,7 @@ def _set_up(config: ml_collections.ConfigDict) -> _Setup:
     total_steps = config.num_train_steps or config.num_epochs * steps_per_epoch
     return _Setup(
         info=info,
+        loader=loader,
         mesh=mesh,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
@@ -291,7 +288,9 @@ def _run(
         eval_step = jit_eval_step(setup.distiller, setup.mesh)
         if config.eval_only:
             with MetricWriter(workdir, tensorboard=config.tensorboard) as writer:
-                metrics = evaluate(eval_step, state, setup.teacher_vars, config, setup.mesh)
+                metrics = evaluate(
+                    eval_step, state, setup.teacher_vars, setup.loader, config.eval_batch_size
+                )
                 writer.write_scalars(int(state.step), metrics)
             summary = {"eval": metrics}
             _write_results(workdir, summary)
@@ -393,16 +392,7 @@ def _train(
         setup.distiller, setup.optimizer, warmup, setup.mesh, config.on_nonfinite
     )
     start = step = int(state.step)
-    # Double buffering: the next batch goes to its devices while this step runs.
-    batches = prefetch.prefetch_to_mesh(
-        pipeline.train_batches(
-            config.dataset,
-            global_batch_size=config.global_batch_size,
-            seed=config.seed,
-            start_step=start,
-        ),
-        setup.mesh,
-    )
+    batches = setup.loader.train_batches(config.global_batch_size, config.seed, start)
     total, per_epoch = setup.total_steps, setup.steps_per_epoch
     eval_every = max(1, int(config.eval_every_epochs * per_epoch))
     progress = Progress(total, images_per_step=config.global_batch_size, initial_step=start)
@@ -436,7 +426,9 @@ def _train(
                 last_log, last_log_step, data_seconds = now, step, 0.0
                 writer.write_scalars(step, scalars)
             if evaluates:
-                eval_metrics = evaluate(eval_step, state, setup.teacher_vars, config, setup.mesh)
+                eval_metrics = evaluate(
+                    eval_step, state, setup.teacher_vars, setup.loader, config.eval_batch_size
+                )
                 extra["history"].append({"step": step, "epoch": step / per_epoch, **eval_metrics})
                 writer.write_scalars(step, eval_metrics)
             progress.update(step, _short(scalars, eval_metrics))
