@@ -2,6 +2,7 @@
 silence on processes other than 0."""
 
 import json
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -45,15 +46,17 @@ def test_resume_drops_the_lines_of_replayed_steps_and_a_torn_last_line(tmp_path)
 
 
 def _read_events(logdir):
-    """{tag: [(step, value)]} and {tag: plugin name} from the event files in `logdir`."""
-    import tensorflow as tf
+    """{tag: [(step, value)]} and {tag: plugin name} from the event files in `logdir`, read
+    by TensorBoard's own loader."""
+    from tensorboard.backend.event_processing import event_file_loader
 
     found, plugins = {}, {}
     for path in sorted(logdir.glob("events.out.tfevents.*")):
-        for record in tf.data.TFRecordDataset(str(path)):
-            event = tf.compat.v1.Event.FromString(record.numpy())
+        for event in event_file_loader.EventFileLoader(str(path)).Load():
             for value in event.summary.value:
-                found.setdefault(value.tag, []).append((event.step, tf.make_ndarray(value.tensor)))
+                tensor = value.tensor
+                read = tensor.string_val[0] if tensor.string_val else tensor.float_val[0]
+                found.setdefault(value.tag, []).append((event.step, read))
                 plugins.setdefault(value.tag, value.metadata.plugin_data.plugin_name)
     return found, plugins
 
@@ -64,12 +67,32 @@ def test_tensorboard_scalars_and_texts_read_back(tmp_path):
         writer.write_scalars(20, {"train/loss": np.float64(1.25)})
         writer.write_texts(0, {"config": "lr: 0.05"})
     events, plugins = _read_events(tmp_path / "tensorboard")
-    assert plugins == {"train/loss": "scalars", "eval/top1": "scalars", "config": "text"}
-    assert [(s, float(v)) for s, v in events["train/loss"]] == [(10, 2.5), (20, 1.25)]
-    assert [(s, float(v)) for s, v in events["eval/top1"]] == [(10, 0.75)]
-    [(step, text)] = events["config"]
-    assert step == 0 and text.item() == b"lr: 0.05"
+    assert plugins == {
+        "train/loss": "scalars",
+        "eval/top1": "scalars",
+        "config/text_summary": "text",
+    }
+    assert events["train/loss"] == [(10, 2.5), (20, 1.25)]
+    assert events["eval/top1"] == [(10, 0.75)]
+    assert events["config/text_summary"] == [(0, b"lr: 0.05")]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_without_tensorboardx_a_warning_replaces_the_events(tmp_path, monkeypatch):
+    real_find_spec = metric_writers.importlib.util.find_spec
+    monkeypatch.setattr(
+        metric_writers.importlib.util,
+        "find_spec",
+        lambda name: None if name == "tensorboardX" else real_find_spec(name),
+    )
+    with (
+        mock.patch.object(metric_writers.logging, "warning") as warning,
+        metric_writers.MetricWriter(tmp_path) as writer,
+    ):
+        writer.write_scalars(1, {"train/loss": 1.0})
+    warning.assert_called_once_with("No TensorBoard events: tensorboardX is not installed.")
+    assert not (tmp_path / "tensorboard").exists()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "train/loss": 1.0}\n'
 
 
 def test_other_processes_write_nothing(tmp_path, monkeypatch):

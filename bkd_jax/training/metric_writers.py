@@ -4,8 +4,8 @@
 once, so a crashed or preempted run keeps every line it logged and any tool can read it. A
 resumed run first drops the lines of steps after the one it resumed from (they are about
 to be replayed), then appends, so every step appears once. `workdir/tensorboard/` holds
-the same scalars as TensorBoard events. TensorFlow is imported only when a TensorBoard
-writer is made, so importing this module stays light. With a Weights & Biases project (the
+the same scalars as TensorBoard events, written by tensorboardX (a dependency; where it is
+missing, one warning replaces them). No TensorFlow is needed. With a Weights & Biases project (the
 `wandb_project` argument or wandb's own WANDB_PROJECT variable) and `wandb` installed, the
 scalars also go to a W&B run, one per workdir, continued when the workdir resumes. On
 processes other than 0 every method does nothing.
@@ -13,7 +13,6 @@ processes other than 0 every method does nothing.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
@@ -72,47 +71,23 @@ class _JsonLinesWriter:
 
 
 class _TensorBoardWriter:
-    """TensorBoard events under `logdir`, flushed after every write.
-
-    tensorflow-cpu does not depend on the tensorboard package, without which
-    tf.summary.scalar/text raise; so summaries go through the core `tf.summary.write` with
-    the plugin metadata TensorBoard's scalars and text dashboards read.
-    """
+    """TensorBoard events under `logdir` through tensorboardX (no TensorFlow), flushed
+    after every write, as scalars and as text TensorBoard's dashboards read."""
 
     def __init__(self, logdir: epath.Path):
-        import tensorflow as tf  # Heavy, and needed only here.
-        from tensorflow.core.framework import summary_pb2
+        import tensorboardX  # Imported here: only TensorBoard output needs it.
 
-        # TF must not claim the GPUs JAX trains on. This works only before TF initialises
-        # its devices (RuntimeError after); whoever initialised them made that choice.
-        with contextlib.suppress(RuntimeError):
-            tf.config.set_visible_devices([], "GPU")
-        self._tf = tf
-        self._writer = tf.summary.create_file_writer(str(logdir))
-        self._scalar, self._text = (
-            summary_pb2.SummaryMetadata(
-                plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name=plugin),
-                data_class=data_class,
-            )
-            for plugin, data_class in [
-                ("scalars", summary_pb2.DATA_CLASS_SCALAR),
-                ("text", summary_pb2.DATA_CLASS_TENSOR),
-            ]
-        )
-
-    def _write(self, step: int, values: Mapping[str, Any], metadata: Any, dtype: Any) -> None:
-        with self._writer.as_default():
-            for name, value in values.items():
-                tensor = self._tf.constant(value, dtype=dtype)
-                self._tf.summary.write(name, tensor, step=int(step), metadata=metadata)
-        self._writer.flush()
+        self._writer = tensorboardX.SummaryWriter(os.fspath(logdir))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        floats = {name: float(_python_scalar(value)) for name, value in scalars.items()}
-        self._write(step, floats, self._scalar, self._tf.float32)
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, float(_python_scalar(value)), int(step))
+        self._writer.flush()
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
-        self._write(step, texts, self._text, self._tf.string)
+        for name, text in texts.items():
+            self._writer.add_text(name, text, int(step))
+        self._writer.flush()
 
     def close(self) -> None:
         self._writer.close()
@@ -168,7 +143,9 @@ class MetricWriter:
         self._backends: list[_Backend] = []
         if jax.process_index() == 0:
             self._backends.append(_JsonLinesWriter(workdir / METRICS_FILE, resume_step))
-            if tensorboard:
+            if tensorboard and importlib.util.find_spec("tensorboardX") is None:
+                logging.warning("No TensorBoard events: tensorboardX is not installed.")
+            elif tensorboard:
                 self._backends.append(_TensorBoardWriter(workdir / TENSORBOARD_DIR))
             project = wandb_project or os.environ.get("WANDB_PROJECT")
             if project and importlib.util.find_spec("wandb") is None:
