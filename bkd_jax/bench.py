@@ -161,7 +161,8 @@ class Result:
 
 
 def cost_flops(compiled) -> float | None:
-    """FLOPs from XLA's cost analysis: a dict, or a list of dicts in older jax versions."""
+    """FLOPs from XLA's cost analysis of a compiled or lowered step: a dict, or a list of
+    dicts in older jax versions."""
     cost = compiled.cost_analysis()
     if isinstance(cost, Sequence):
         cost = cost[0] if cost else None
@@ -223,10 +224,8 @@ class Bench:
         sharding.check_batch_size(v.batch_size, mesh)
         return mesh
 
-    def compile(self, v: Variant) -> tuple[Callable[[], Any], Result]:
-        """A function running one step of `v` on its own state, and its static measures."""
-        if v.torch:
-            return self._torch_step(v), Result(v, None, None, None)
+    def lower(self, v: Variant) -> tuple[jax.stages.Lowered, Any, Any, dict[str, jax.Array]]:
+        """The train step of `v` lowered for its mesh, and its state, teacher and batch."""
         mesh = self.mesh(v)
         repl, split = sharding.replicated(mesh), sharding.batch_sharded(mesh)
         batch = jax.device_put(self.random_batch(v.batch_size), split)
@@ -244,9 +243,17 @@ class Bench:
             out_shardings=(repl, repl),
             donate_argnums=0 if v.donate else (),
         ).lower(state, teacher_vars, batch)
+        return lowered, state, teacher_vars, batch
+
+    def compile(self, v: Variant) -> tuple[Callable[[], Any], Result]:
+        """A function running one step of `v` on its own state, and its static measures."""
+        if v.torch:
+            return self._torch_step(v), Result(v, None, None, None)
+        lowered, state, teacher_vars, batch = self.lower(v)
         start = time.perf_counter()
         compiled = lowered.compile()
         compile_s = time.perf_counter() - start
+        mesh = self.mesh(v)
         peak, _ = mfu.peak_flops(mesh, v.dtype)
         flops = cost_flops(compiled)  # of one device's partitioned program
         total = None if flops is None else flops * mesh.devices.size
