@@ -25,7 +25,6 @@ The table and the plot are `bkd_jax.report`'s, which reports any set of runs the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import pathlib
 import time
@@ -36,7 +35,7 @@ import jax
 from absl import app, flags, logging
 
 from bkd_jax import console, distillers, report
-from bkd_jax.sweep import load_config_file
+from bkd_jax.sweep import load_config_file, packaged_config_file
 from bkd_jax.training import run_files
 
 with console.quiet_native_logs():  # TensorFlow's INFO lines as it loads
@@ -49,13 +48,7 @@ DEFAULT_METHODS = ("ce", "kd", "dkd", "blockkd", "blockkd_lite")
 RESULTS_FILE = "demo_results.json"
 TABLE_FILE = "demo_table.md"
 PLOT_FILE = "demo.png"
-# configs/ is installed as the package bkd_jax.configs; a plain checkout has it beside bkd_jax/.
-_CONFIGS = importlib.util.find_spec("bkd_jax.configs")
-_DEFAULT_CONFIG = (
-    pathlib.Path(_CONFIGS.origin).parent
-    if _CONFIGS is not None and _CONFIGS.origin is not None
-    else pathlib.Path(__file__).resolve().parents[1] / "configs"
-) / "demo.py"
+_DEFAULT_CONFIG = packaged_config_file("demo.py")
 
 Record = dict[str, Any]
 
