@@ -1,5 +1,5 @@
 """The pure core, the models, the configs, the bench, the report and the sweep load
-without TensorFlow or orbax.
+without TensorFlow or orbax; the trainer and the accelerator study without TensorFlow.
 
 A GPU machine with jax, flax, optax, ml_collections and numpy but no TensorFlow must be
 able to build models and run the bench; each module is imported in a fresh interpreter
@@ -30,6 +30,16 @@ MODULES = (
     "bkd_jax.sweep",
 )
 
+# The trainer and what runs it: TensorFlow only once the host's tf.data pipeline is used.
+TRAINER = (
+    "bkd_jax.main",
+    "bkd_jax.training.loop",
+    "bkd_jax.training.inputs",
+    "bkd_jax.data.arrays",
+    "bkd_jax.demo",
+    "bkd_jax.accelerator_study",
+)
+
 _DRIVER = """
 import importlib, importlib.util, pathlib, sys
 heavy = {heavy!r}
@@ -42,13 +52,21 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in heavy))
 """
 
 
-def test_core_configs_and_bench_import_neither_tensorflow_nor_orbax():
-    code = _DRIVER.format(heavy=HEAVY, modules=MODULES)
+def _heavy_modules_loaded(heavy: tuple[str, ...], modules: tuple[str, ...]) -> str:
+    code = _DRIVER.format(heavy=heavy, modules=modules)
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "[]", result.stdout
+    return result.stdout.strip()
+
+
+def test_core_configs_and_bench_import_neither_tensorflow_nor_orbax():
+    assert _heavy_modules_loaded(HEAVY, MODULES) == "[]"
+
+
+def test_trainer_demo_and_study_import_no_tensorflow():
+    assert _heavy_modules_loaded(("tensorflow", "tensorflow_datasets"), TRAINER) == "[]"
 
 
 def test_the_check_sees_tensorflow_when_it_is_imported():
