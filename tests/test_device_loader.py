@@ -236,25 +236,29 @@ _TOPOLOGY_SCRIPT = textwrap.dedent(
     from bkd_jax.data import datasets
     from bkd_jax.training import inputs, sharding
 
-    def stream(devices):
+    def stream(devices, placement):
         ds_config = datasets.default_dataset_config("digits")
         ds_config.update(augment="crop_flip", cutout=4, max_train_examples=40)
+        if placement == "sharded":  # 76,800 bytes decoded: more than 50,000, not a shard
+            ds_config.device_memory_share = 50_000 / inputs.device_memory_bytes(jax.devices()[0])
         loader = inputs.DeviceLoader(ds_config, sharding.make_mesh(jax.devices()[:devices]))
+        assert loader.placement == placement, (loader.placement, placement)
         train = loader.train_batches(16, seed=5, start_step=1)
         batches = [next(train) for _ in range(3)] + list(loader.eval_batches(16))
         return [jax.device_get(b) for b in batches]
 
-    single = stream(1)
+    single = stream(1, "replicated")
     for devices in (2, 8):
-        for a, b in zip(single, stream(devices), strict=True):
-            for key in a:
-                np.testing.assert_array_equal(a[key], b[key])
+        for placement in ("replicated", "sharded"):
+            for a, b in zip(single, stream(devices, placement), strict=True):
+                for key in a:
+                    np.testing.assert_array_equal(a[key], b[key])
     print("SAME")
     """
 )
 
 
-def test_global_batches_are_the_same_on_1_2_and_8_devices():
+def test_global_batches_are_the_same_on_1_2_and_8_devices_replicated_or_sharded():
     result = subprocess.run(
         [sys.executable, "-c", _TOPOLOGY_SCRIPT],
         env={

@@ -8,11 +8,14 @@ same order: the global batch of step ``k`` holds the examples of
 devices and processes, so resuming is exact with either. Their augmentations draw from
 different random streams, so their batches are not equal.
 
-The device loader holds every split as uint8 arrays replicated on each device (CIFAR-10:
-150 MiB for the training split), so a step's input costs a gather and a few elementwise
-ops on the device instead of decoding on the host: the host only sends the batch's
-example indices. It needs neither TensorFlow nor tf.data. Data too large to replicate
-goes through the host loader.
+The device loader holds every split as uint8 arrays on the devices (CIFAR-10: 150 MiB for
+the training split), so a step's input costs a gather and a few elementwise ops on the
+device instead of decoding on the host: the host only sends the batch's example indices.
+It needs neither TensorFlow nor tf.data. The arrays are replicated on each device when
+they fit in ``dataset.device_memory_share`` of one device's memory, else split in equal
+shards over the devices when a shard fits: then each device gathers the batch's rows it
+holds and a reduce-scatter (uint8, one batch of images in all) hands every device its
+own rows. Data too large for either goes through the host loader.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import jax
@@ -28,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from bkd_jax.data import arrays, datasets, device_augment
 from bkd_jax.training import prefetch, sharding
@@ -70,8 +73,10 @@ def make_loader(ds_config: ml_collections.ConfigDict, mesh: Mesh) -> Loader:
             logging.info("Input: the host's tf.data pipeline, as %s.", reason)
         else:
             logging.info(
-                "Input: device memory, %s decoded images on each device (%s).",
+                "Input: device memory, %s of decoded %s images %s.",
                 _mebibytes(loader.nbytes), ds_config.name,
+                "on each device" if loader.placement == "replicated"
+                else f"split over the {mesh.devices.size} devices",
             )  # fmt: skip
             return loader
     else:
@@ -111,11 +116,17 @@ class DeviceLoader:
         self.nbytes = sum(counts.values()) * size * size * 3
         memory = device_memory_bytes(mesh.devices.flat[0])
         budget = ds_config.device_memory_share * memory
-        if self.nbytes > budget:
+        devices = mesh.devices.size
+        if self.nbytes <= budget:
+            self.placement = "replicated"
+        elif math.ceil(self.nbytes / devices) <= budget:
+            self.placement = "sharded"
+        else:
+            split = f", even split over {devices} devices" if devices > 1 else ""
             raise arrays.NeedsHostLoader(
                 f"its decoded splits take {_mebibytes(self.nbytes)}, more than "
                 f"dataset.device_memory_share {ds_config.device_memory_share} of the "
-                f"{_mebibytes(memory)} of one device ({_mebibytes(budget)})"
+                f"{_mebibytes(memory)} of one device ({_mebibytes(budget)}){split}"
             )
         self._config = ds_config
         self._mesh = mesh
@@ -128,13 +139,28 @@ class DeviceLoader:
             num_train=len(train.labels),
             num_eval=len(evaluation.labels),
         )
-        self._train = tuple(self._replicate(a) for a in train)
-        self._eval = tuple(self._replicate(a) for a in evaluation)
+        self._train = (self._place(train.images), self._replicate(train.labels))
+        self._eval = (self._place(evaluation.images), self._replicate(evaluation.labels))
+        self._take = (
+            _take_replicated
+            if self.placement == "replicated"
+            else functools.partial(_take_sharded, mesh=mesh)
+        )
 
     def _replicate(self, array: np.ndarray) -> jax.Array:
         """`array` on every device of the mesh (every process passes the same array)."""
         return jax.make_array_from_callback(
             array.shape, sharding.replicated(self._mesh), lambda index: array[index]
+        )
+
+    def _place(self, images: np.ndarray) -> jax.Array:
+        """The images replicated, or split in equal shards (zero rows pad the last)."""
+        if self.placement == "replicated":
+            return self._replicate(images)
+        rows = -len(images) % self._mesh.devices.size
+        padded = np.concatenate([images, np.zeros((rows, *images.shape[1:]), images.dtype)])
+        return jax.make_array_from_callback(
+            padded.shape, sharding.batch_sharded(self._mesh), lambda index: padded[index]
         )
 
     def train_batches(self, global_batch_size: int, seed: int, start_step: int) -> Iterator[Batch]:
@@ -145,7 +171,9 @@ class DeviceLoader:
                 "training examples: not even one step per epoch"
             )
         gather = jax.jit(
-            functools.partial(_train_batch, seed=seed, config=self._config, white=self._white),
+            functools.partial(
+                _train_batch, take=self._take, seed=seed, config=self._config, white=self._white
+            ),
             out_shardings=sharding.batch_sharded(self._mesh),
         )
         epoch, order = None, None
@@ -164,7 +192,7 @@ class DeviceLoader:
         padded = np.full(math.ceil(count / global_batch_size) * global_batch_size, -1)
         padded[:count] = np.arange(count)
         gather = jax.jit(
-            functools.partial(_eval_batch, config=self._config, white=self._white),
+            functools.partial(_eval_batch, take=self._take, config=self._config, white=self._white),
             out_shardings=sharding.batch_sharded(self._mesh),
         )
         for indices in np.split(padded, len(padded) // global_batch_size):
@@ -183,11 +211,34 @@ class DeviceLoader:
             return sharding.global_batch(local, self._mesh)
 
 
+def _take_replicated(images: jax.Array, indices: jax.Array) -> jax.Array:
+    """Rows `indices` of images held whole on every device."""
+    return images[indices]
+
+
+def _take_sharded(images: jax.Array, indices: jax.Array, *, mesh: Mesh) -> jax.Array:
+    """Rows `indices` (batch-sharded) of images split in equal shards over `mesh`: each
+    device gathers the rows it holds, zeros elsewhere, and a reduce-scatter gives every
+    device its own rows of the batch."""
+
+    def take(shard: jax.Array, local_indices: jax.Array) -> jax.Array:
+        wanted = jax.lax.all_gather(local_indices, sharding.DATA_AXIS, tiled=True)
+        local = wanted - jax.lax.axis_index(sharding.DATA_AXIS) * shard.shape[0]
+        held = (local >= 0) & (local < shard.shape[0])
+        rows = jnp.take(shard, jnp.clip(local, 0, shard.shape[0] - 1), axis=0)
+        rows = jnp.where(held[:, None, None, None], rows, jnp.zeros_like(rows))
+        return jax.lax.psum_scatter(rows, sharding.DATA_AXIS, scatter_dimension=0, tiled=True)
+
+    split = PartitionSpec(sharding.DATA_AXIS)
+    return jax.shard_map(take, mesh=mesh, in_specs=(split, split), out_specs=split)(images, indices)
+
+
 def _train_batch(
     images: jax.Array,
     labels: jax.Array,
     where: Batch,
     *,
+    take: Callable[[jax.Array, jax.Array], jax.Array],
     seed: int,
     config: ml_collections.ConfigDict,
     white: int,
@@ -197,7 +248,7 @@ def _train_batch(
     keys = device_augment.example_keys(seed, where["epoch"], indices)
     return {
         "image": device_augment.train_images(
-            images[indices],
+            take(images, indices),
             keys,
             augment=config.augment,
             cutout_size=config.cutout,
@@ -215,6 +266,7 @@ def _eval_batch(
     labels: jax.Array,
     where: Batch,
     *,
+    take: Callable[[jax.Array, jax.Array], jax.Array],
     config: ml_collections.ConfigDict,
     white: int,
 ) -> Batch:
@@ -222,7 +274,7 @@ def _eval_batch(
     indices = where["index"]
     mask = indices >= 0
     safe = jnp.where(mask, indices, 0)
-    image = device_augment.normalise(images[safe], white, config.mean, config.std)
+    image = device_augment.normalise(take(images, safe), white, config.mean, config.std)
     blank = jnp.zeros_like(image)
     return {
         "image": jnp.where(mask[:, None, None, None], image, blank),
