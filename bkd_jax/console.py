@@ -113,19 +113,23 @@ def quiet_native_logs() -> Iterator[None]:
 def check_data_present(ds_config: Any) -> None:
     """Raises ValueError when the data set's folder is missing, without TensorFlow.
 
-    Only what a directory listing can tell: an `image_folder` root that is not a folder,
-    or no `<data_dir>/<name>` for a TFDS data set (data_dir None is TFDS's default,
+    Only what a directory listing can tell: an `image_folder` root or an `npz` folder that
+    is not a folder, or no `<data_dir>/<name>` for a TFDS data set (data_dir None is TFDS's default,
     $TFDS_DATA_DIR or ~/tensorflow_datasets). Remote data dirs (gs://...) are left to the
     input pipeline, which checks everything else.
     """
     data_dir = ds_config.data_dir
     if data_dir and "://" in data_dir:
         return
-    if ds_config.name == "image_folder":
+    layouts = {
+        "image_folder": "<data_dir>/<split>/<class>/<image>",
+        "npz": "<data_dir>/<split>.npz",
+    }
+    if ds_config.name in layouts:
         if not data_dir or not os.path.isdir(data_dir):
             raise ValueError(
-                f"dataset.data_dir {data_dir!r} is not a directory; image_folder reads "
-                "<data_dir>/<split>/<class>/<image>"
+                f"dataset.data_dir {data_dir!r} is not a directory; {ds_config.name} reads "
+                f"{layouts[ds_config.name]}"
             )
     elif ds_config.name in _TFDS_DATASETS:
         root = pathlib.Path(
