@@ -17,6 +17,9 @@ step to feed:
   files and crop distribution, to show where the host's time goes.
 - When grain and PIL are installed, the CIFAR pad-crop-flip once more through grain's
   `MapDataset` with numpy augmentations, as a TensorFlow-free loader.
+- The CIFAR pad-crop-flip of the device-memory loader (`bkd_jax.training.inputs`): the
+  images decoded once, then each batch gathered and augmented by one jitted function on
+  the first device (each batch waited for, so that its time is counted).
 
 "images / core-s" is images over the process CPU time (all of tf.data's threads), the
 rate one fully used host core sustains; it is steady on a loaded machine where the wall
@@ -33,11 +36,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 
+import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
 
 from bkd_jax.data import datasets, pipeline
+from bkd_jax.training import inputs, sharding
 
 DEFAULT_TARBALL = (
     pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
@@ -152,6 +157,13 @@ def grain_crop_flip_batches(root: pathlib.Path, config: ml_collections.ConfigDic
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
 
 
+def device_batches(config: ml_collections.ConfigDict) -> Iterator[dict[str, jax.Array]]:
+    """The device loader's training batches on the first device, each one finished."""
+    loader = inputs.DeviceLoader(config, sharding.make_mesh(jax.devices()[:1]))
+    for batch in loader.train_batches(_BATCH, seed=0, start_step=0):
+        yield jax.block_until_ready(batch)
+
+
 def rows(workdir: pathlib.Path, tarball: pathlib.Path | None, count: int) -> list[tuple]:
     """(data, transform, images/s, images per core-s) of every measured pipeline."""
     cifar, large = workdir / "cifar", workdir / "large"
@@ -190,6 +202,10 @@ def rows(workdir: pathlib.Path, tarball: pathlib.Path | None, count: int) -> lis
         (large_name, f"stage: {stage}", functools.partial(stage_batches, large, stage))
         for stage in CROP_STAGES
     ]
+    cifar_config = folder_config(cifar, 32, "crop_flip")
+    cifar_config.cache_dir = str(workdir / "decoded")
+    cases.append((cifar_name, "pad-crop-flip, device memory (jitted gather + augment)",
+                  lambda: device_batches(cifar_config)))  # fmt: skip
     if importlib.util.find_spec("grain") and importlib.util.find_spec("PIL"):
         config = folder_config(cifar, 32, "crop_flip")
         cases.append((cifar_name, "pad-crop-flip, grain + numpy (no TensorFlow)",
