@@ -342,11 +342,14 @@ def test_inception_augmentation_goes_to_the_host_loader(caplog, tmp_path):
     assert "the 'inception' augmentation crops full-size images" in caplog.text
 
 
-def test_host_loader_without_tensorflow_names_the_extra(monkeypatch):
+def test_host_loader_without_tensorflow_names_the_extra_and_why(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "bkd_jax.data.pipeline", None)
     monkeypatch.delattr(bkd_jax.data, "pipeline", raising=False)
-    with pytest.raises(ValueError, match=r"needs TensorFlow .*pip install 'bkd_jax\[tf\]'"):
+    with pytest.raises(ValueError, match=r"'host'\), which needs TensorFlow .*'bkd_jax\[tf\]'"):
         inputs.make_loader(config("digits", loader="host"), MESH)
+    pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(ValueError, match=r"not prepared in data_dir .*pip install 'bkd_jax\[tf\]'"):
+        inputs.make_loader(config("cifar10", data_dir=str(tmp_path)), MESH)
 
 
 def test_cutout_on_the_host_loader_is_an_error():

@@ -128,8 +128,8 @@ class _TfdsSource(ArraySource):
             ) from None
         self._name = name
         self._builder = tfds.builder(name, data_dir=data_dir)
-        if not self._builder.info.splits:
-            raise ValueError(tfds_not_prepared_message(name, self._builder.data_dir))
+        if not self._builder.info.splits:  # not prepared, or mocked by tfds.testing
+            raise NeedsHostLoader(tfds_not_prepared_message(name, self._builder.data_dir))
         if self._builder.info.file_format != tfds.core.FileFormat.ARRAY_RECORD:
             raise NeedsHostLoader(
                 f"{name} is stored as {self._builder.info.file_format.value}, which only "

@@ -64,13 +64,15 @@ def make_loader(ds_config: ml_collections.ConfigDict, mesh: Mesh) -> Loader:
     datasets.check_choice("dataset", ds_config.name, datasets.DATASETS)
     datasets.check_choice("loader", ds_config.loader, datasets.LOADERS)
     datasets.check_choice("augmentation", ds_config.augment, datasets.AUGMENTATIONS)
+    reason = None
     if ds_config.loader != "host":
         try:
             loader = DeviceLoader(ds_config, mesh)
-        except arrays.NeedsHostLoader as reason:
+        except arrays.NeedsHostLoader as why:
             if ds_config.loader == "device":
-                raise ValueError(f"dataset.loader is 'device', but {reason}") from None
-            logging.info("Input: the host's tf.data pipeline, as %s.", reason)
+                raise ValueError(f"dataset.loader is 'device', but {why}") from None
+            logging.info("Input: the host's tf.data pipeline, as %s.", why)
+            reason = str(why)
         else:
             logging.info(
                 "Input: device memory, %s of decoded %s images %s.",
@@ -81,7 +83,7 @@ def make_loader(ds_config: ml_collections.ConfigDict, mesh: Mesh) -> Loader:
             return loader
     else:
         logging.info("Input: the host's tf.data pipeline (dataset.loader='host').")
-    return HostLoader(ds_config, mesh)
+    return HostLoader(ds_config, mesh, reason)
 
 
 def device_memory_bytes(device: jax.Device) -> int:
@@ -290,13 +292,15 @@ class HostLoader:
 
     kind = "host"
 
-    def __init__(self, ds_config: ml_collections.ConfigDict, mesh: Mesh):
+    def __init__(self, ds_config: ml_collections.ConfigDict, mesh: Mesh, reason: str | None = None):
+        """`reason`: why device memory cannot hold the data, for the error without TF."""
         try:
             from bkd_jax.data import pipeline  # TensorFlow: only the host loader needs it.
         except ImportError as error:
+            why = reason or "dataset.loader is 'host'"
             raise ValueError(
-                f"dataset {ds_config.name!r} with these settings needs the host's tf.data "
-                f"pipeline, which needs TensorFlow ({error}): pip install 'bkd_jax[tf]'"
+                f"dataset {ds_config.name!r} needs the host's tf.data pipeline ({why}), "
+                f"which needs TensorFlow ({error}): pip install 'bkd_jax[tf]'"
             ) from None
         if ds_config.cutout:
             raise ValueError("dataset.cutout runs on the device loader only; set it to 0")
