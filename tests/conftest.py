@@ -1,4 +1,4 @@
-"""Shared test helpers: zoo input sizes and the optional ../shared data folder.
+"""Shared test helpers: zoo input sizes and the optional real-data files.
 
 Most of the suite's time is XLA compiling the same small programs again: model inits,
 the same train step in each process a test starts. So before JAX is imported, the run
@@ -47,7 +47,8 @@ def images(batch: int, size: int, seed: int = 0) -> jax.Array:
 
 @pytest.fixture
 def shared_data() -> pathlib.Path:
-    """../shared/data beside the checkout; tests using it skip when it is absent."""
+    """The folder of the real-data files (the CIFAR-10 JPEG tarball, PyTorch state-dict
+    layouts); tests using it skip when it is absent."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"{SHARED_DATA} not present (a user's checkout has no shared/)")
+        pytest.skip(f"missing data files: no folder {SHARED_DATA}")
     return SHARED_DATA
