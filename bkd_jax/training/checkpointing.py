@@ -42,6 +42,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from bkd_jax.training.run_files import atomic_write_text
+
 PyTree = Any
 
 LATEST_DIR = "checkpoints"
@@ -118,7 +120,7 @@ def write_integrity(directory: str | epath.PathLike) -> None:
     record = {
         str(p.relative_to(directory)): [p.stat().length, _crc32(p)] for p in _files(directory)
     }
-    (directory / INTEGRITY_FILE).write_text(json.dumps(record, indent=0, sort_keys=True))
+    atomic_write_text(directory / INTEGRITY_FILE, json.dumps(record, indent=0, sort_keys=True))
 
 
 def verify_integrity(directory: str | epath.PathLike) -> None:
