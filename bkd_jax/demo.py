@@ -150,7 +150,7 @@ def plot(path: pathlib.Path, runs: Sequence[report.Run], rows: Sequence[report.R
 
 def _write_json(workdir: pathlib.Path, records: Sequence[Record], table: Any) -> None:
     payload = {"runs": list(records), "table": table}
-    (workdir / RESULTS_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+    run_files.atomic_write_text(workdir / RESULTS_FILE, json.dumps(payload, indent=2) + "\n")
 
 
 def write_outputs(workdir: pathlib.Path, records: Sequence[Record]) -> str:
@@ -159,7 +159,7 @@ def write_outputs(workdir: pathlib.Path, records: Sequence[Record]) -> str:
     rows = report.summarize(runs)
     table = report.markdown_table(rows)
     _write_json(workdir, records, rows)
-    (workdir / TABLE_FILE).write_text(table)
+    run_files.atomic_write_text(workdir / TABLE_FILE, table)
     plot(workdir / PLOT_FILE, runs, rows)
     return table
 

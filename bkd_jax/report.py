@@ -198,10 +198,13 @@ def find_runs(paths: Iterable[str | pathlib.Path]) -> tuple[list[Run], list[path
 
 
 def metrics_by_step(run_dir: pathlib.Path) -> dict[int, dict[str, float]]:
-    """metrics.jsonl merged per step; a step repeated after a resume keeps its last lines."""
+    """metrics.jsonl merged per step; a step repeated after a resume keeps its last lines.
+
+    Only whole lines count: a run still going may be writing the last one.
+    """
     by_step: dict[int, dict[str, float]] = {}
     path = run_dir / METRICS_FILE
-    lines = path.read_text().splitlines() if path.exists() else []
+    lines = path.read_text().split("\n")[:-1] if path.exists() else []
     for line in lines:
         record = json.loads(line)
         by_step.setdefault(record.pop("step"), {}).update(record)

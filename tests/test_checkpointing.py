@@ -4,6 +4,7 @@ the fall-back past a damaged step, teacher weights."""
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import textwrap
@@ -342,3 +343,70 @@ def test_sharded_state_restores_onto_target_shardings(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "SHARDED_OK" in result.stdout
+
+
+# Two processes restore from one workdir; process 1 alone finds step 2 damaged (as when a
+# file changes between the processes' reads): both must resume from step 1.
+_AGREE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import jax, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from bkd_jax.training import checkpointing
+
+    jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+    verify = checkpointing.verify_integrity
+
+    def verify_damaged_on_process_1(directory):
+        if jax.process_index() == 1 and directory.name == "2":
+            raise checkpointing.CorruptCheckpointError(f"{directory}: damaged here")
+        verify(directory)
+
+    checkpointing.verify_integrity = verify_damaged_on_process_1
+    replicated = NamedSharding(jax.make_mesh((2,), ("data",)), P())
+    target = {"w": jax.ShapeDtypeStruct((4,), np.float32, sharding=replicated)}
+    ckpt = checkpointing.Checkpointer(sys.argv[3], save_interval_steps=1, best_metric=None)
+    state, extra = ckpt.restore(target)
+    ckpt.close()
+    print("RESTORED", extra["at"], np.asarray(state["w"].addressable_data(0)).tolist())
+    """
+)
+
+
+def test_processes_agree_on_a_step_only_one_of_them_cannot_read(tmp_path):
+    ckpt = checkpointing.Checkpointer(tmp_path, save_interval_steps=1, best_metric=None)
+    for step in (1, 2):
+        ckpt.save(step, {"w": jnp.arange(4.0) + step}, {"at": step})
+    ckpt.close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+        "PYTHONPATH": str(REPO),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _AGREE_SCRIPT, address, str(index), str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in (0, 1)
+    ]
+    try:
+        outputs = [proc.communicate(timeout=180)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    for proc, output in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, output[-3000:]
+        assert "RESTORED 1 [1.0, 2.0, 3.0, 4.0]" in output, output[-3000:]
+    assert "another process found a file damaged" in outputs[0]
+    assert "damaged here" in outputs[1]
+    assert (tmp_path / "corrupt" / "checkpoints_2").is_dir()
+    assert _saved_steps(tmp_path / "checkpoints") == [1]

@@ -1,18 +1,26 @@
 """The real multi-process trainer: `python -m bkd_jax.main --multihost` as 2 processes on
-localhost (2 CPU devices each, gloo collectives), against 1 process with 4 devices.
+localhost (gloo collectives), against 1 process.
 
 One distillation run is stopped by SIGTERM to both processes (they must agree on the step
 and both save it), resumed, crashed by SIGKILL to one process (the other must exit with an
 error within the heartbeat timeout instead of hanging), and resumed to the end. Every
 step's loss and the final parameters must equal the single-process run's: the data stream
 is a function of (seed, step) alone, whatever the number of processes.
+
+The stress tests start the digits teacher's run as 2 processes (one CPU device each) again
+and again, fresh and resumed, beside a generator of CPU load: each run must start, finish
+and give the one-process losses. They take minutes, so they run only when asked for:
+BKD_JAX_STRESS=short (2 fresh runs, 1 resumed) or BKD_JAX_STRESS=full (10 fresh, 5 resumed).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -69,17 +77,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class _Run:
-    """`python -m bkd_jax.main` as `processes` processes, each logging to its own file."""
+def _distill_args(root: pathlib.Path) -> list[str]:
+    """The distillation run's flags: `root`'s config file and teacher, `FLAGS`."""
+    return [
+        f"--config={root / 'config.py'}", f"--config.teacher_checkpoint={root / 'teacher'}",
+        *FLAGS,
+    ]  # fmt: skip
 
-    def __init__(self, root: pathlib.Path, name: str, processes: int, devices: int, *flags):
-        self.workdir, self.logs, self.procs = root / "workdir", [], []
+
+class _Run:
+    """`python -m bkd_jax.main ARGS` as `processes` processes, each logging to its own file
+    in `root`, with `root/jax_cache` as their compilation cache."""
+
+    def __init__(
+        self,
+        root: pathlib.Path,
+        name: str,
+        processes: int,
+        devices: int,
+        args: list[str],
+        workdir: pathlib.Path | None = None,
+    ):
+        self.workdir, self.logs, self.procs = workdir or root / "workdir", [], []
         port = _free_port()
-        command = [
-            sys.executable, "-m", "bkd_jax.main", f"--config={root / 'config.py'}",
-            f"--workdir={self.workdir}", f"--config.teacher_checkpoint={root / 'teacher'}",
-            *FLAGS, *flags,
-        ]  # fmt: skip
+        command = [sys.executable, "-m", "bkd_jax.main", f"--workdir={self.workdir}", *args]
         for index in range(processes):
             multi = {
                 "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
@@ -156,12 +177,12 @@ def roots(tmp_path_factory) -> dict[str, pathlib.Path]:
 
 
 def test_two_processes_preempted_crashed_and_resumed_match_one_process(roots):
-    reference = _Run(roots["one_process"], "reference", processes=1, devices=4)
+    reference = _Run(roots["one_process"], "reference", 1, 4, _distill_args(roots["one_process"]))
     root = roots["two_processes"]
     runs = []
     try:
         # 1. SIGTERM to both: they agree on one step, both save it and exit cleanly.
-        runs.append(_Run(root, "first", processes=2, devices=2))
+        runs.append(_Run(root, "first", 2, 2, _distill_args(root)))
         runs[-1].wait_for_step(3)
         for proc in runs[-1].procs:
             proc.send_signal(signal.SIGTERM)
@@ -172,7 +193,7 @@ def test_two_processes_preempted_crashed_and_resumed_match_one_process(roots):
         assert checkpointing.saved_steps(root / "workdir" / "checkpoints")[-1] == stopped
 
         # 2. Resumed, then one process killed: the other stops with an error, in bounded time.
-        runs.append(_Run(root, "second", processes=2, devices=2))
+        runs.append(_Run(root, "second", 2, 2, _distill_args(root)))
         runs[-1].wait_for_step(stopped + 6)
         assert f"Resuming from step {stopped}." in runs[-1].output(0)
         runs[-1].procs[1].kill()
@@ -191,7 +212,7 @@ def test_two_processes_preempted_crashed_and_resumed_match_one_process(roots):
         ), runs[-1].output(0)[-4000:]
 
         # 3. Resumed to the end.
-        runs.append(_Run(root, "third", processes=2, devices=2))
+        runs.append(_Run(root, "third", 2, 2, _distill_args(root)))
         assert runs[-1].wait() == [0, 0], runs[-1].output()[-4000:]
         assert reference.wait() == [0], reference.output()[-4000:]
     finally:
@@ -205,3 +226,104 @@ def test_two_processes_preempted_crashed_and_resumed_match_one_process(roots):
     assert got.keys() == want.keys() and len(want) > 10
     for key, value in want.items():
         np.testing.assert_allclose(got[key], value, rtol=0, atol=1e-5, err_msg=key)
+
+
+# The start-up and shut-down stress test: the digits teacher's run as 2 processes of one
+# CPU device each, on a machine kept busy by a load generator.
+STRESS_STEPS = 20
+STRESS_ARGS = [
+    "--config=configs/demo.py:role=teacher",
+    f"--config.num_train_steps={STRESS_STEPS}",
+    "--config.eval_every_epochs=1",
+    "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=5",  # steps a resumed run starts from
+    "--config.keep_checkpoints=4",
+]
+STRESS_VARIABLE = "BKD_JAX_STRESS"
+
+
+@contextlib.contextmanager
+def _cpu_load(workers: int, seconds: float):
+    """`workers` busy-looping processes beside the block; each stops by itself after
+    `seconds` at most, and all are killed when the block ends."""
+    burn = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass"
+    procs = [subprocess.Popen([sys.executable, "-c", burn]) for _ in range(workers)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def _stop_at(workdir: pathlib.Path, step: int) -> int:
+    """Makes a finished `workdir` look stopped after `step`: later checkpoints and the
+    results go. Returns the step a rerun resumes from (the newest checkpoint left)."""
+    (workdir / "results.json").unlink()
+    left = []
+    for kind in (checkpointing.LATEST_DIR, checkpointing.BEST_DIR):
+        for saved in checkpointing.saved_steps(workdir / kind):
+            if saved > step:
+                shutil.rmtree(workdir / kind / str(saved))
+            else:
+                left.append(saved)
+    return max(left)
+
+
+def _check_finished(run: _Run, want: dict[int, float]) -> None:
+    """Both processes ended well, every step's loss is the one-process run's, and nothing
+    half-written (a temporary file or checkpoint) is left in the workdir."""
+    codes = run.wait(timeout=600)
+    assert codes == [0, 0], f"{run.workdir}: exit codes {codes}\n" + "\n".join(
+        f"--- process {i}:\n{run.output(i)[-3000:]}" for i in (0, 1)
+    )
+    got = _losses(run.workdir)
+    assert sorted(got) == list(range(1, STRESS_STEPS + 1)), run.workdir
+    np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=0, atol=1e-5)
+    assert json.loads((run.workdir / "results.json").read_text())["steps"] == STRESS_STEPS
+    assert not [p for p in run.workdir.rglob("*") if "tmp" in p.name], run.workdir
+
+
+def _stress(root: pathlib.Path, fresh: int, resumed: int) -> None:
+    """`fresh` two-process runs in fresh workdirs, then `resumed` reruns of the first one
+    stopped at various steps, all beside a CPU load of 2 busy processes."""
+    reference = _Run(root, "reference", 1, 2, STRESS_ARGS, root / "reference")
+    assert reference.wait(timeout=600) == [0], reference.output()[-4000:]
+    want = _losses(root / "reference")
+    runs = []
+    try:
+        with _cpu_load(workers=2, seconds=1800):
+            for index in range(fresh):
+                runs.append(_Run(root, f"fresh{index}", 2, 1, STRESS_ARGS, root / f"w{index}"))
+                _check_finished(runs[-1], want)
+            stops = itertools.islice(itertools.cycle((15, 10, 5)), resumed)
+            for index, stop in enumerate(stops):
+                start = _stop_at(root / "w0", stop)
+                runs.append(_Run(root, f"resumed{index}", 2, 1, STRESS_ARGS, root / "w0"))
+                _check_finished(runs[-1], want)
+                assert f"Resuming from step {start}." in runs[-1].output(0)
+    finally:
+        for run in [reference, *runs]:
+            run.kill()
+
+
+def _stress_level() -> str:
+    return os.environ.get(STRESS_VARIABLE, "")
+
+
+@pytest.mark.skipif(
+    _stress_level() != "short",
+    reason=f"long (8 min on a busy 2-core machine): set {STRESS_VARIABLE}=short to run it",
+)
+def test_two_processes_start_and_finish_under_load(tmp_path):
+    """2 fresh runs and 1 resumed run, every one finishing with the one-process losses."""
+    _stress(tmp_path, fresh=2, resumed=1)
+
+
+@pytest.mark.skipif(
+    _stress_level() != "full",
+    reason=f"long (32 min on a busy 2-core machine): set {STRESS_VARIABLE}=full to run it",
+)
+def test_two_processes_start_and_finish_under_load_many_times(tmp_path):
+    """The bar of 10 fresh runs in a row and 5 resumed ones."""
+    _stress(tmp_path, fresh=10, resumed=5)

@@ -234,3 +234,10 @@ def test_command_line_prints_the_table_and_draws_both_plots(runs_root, tmp_path)
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert fails.returncode != 0 and "no finished runs" in fails.stderr
+
+
+def test_metrics_by_step_skips_the_line_a_running_run_is_writing(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "train/loss": 2.0}\n{"step": 1, "eval/top1": 0.5}\n{"step": 2, "train/lo'
+    )
+    assert report.metrics_by_step(tmp_path) == {1: {"train/loss": 2.0, "eval/top1": 0.5}}

@@ -17,7 +17,10 @@ file is written, so a process killed mid-save leaves no step that looks complete
 leftover is removed, and logged, at the next start). Before that rename, process 0 adds
 ``integrity.json`` (size and CRC-32 of every file), so a file truncated or damaged later is
 named when the step is restored; `Checkpointer.restore` then logs it, moves the step to
-``workdir/corrupt/`` and falls back to the previous step.
+``workdir/corrupt/`` and falls back to the previous step. On several processes, process 0
+alone removes or moves a directory, and the others wait for it at a barrier before they
+list the steps again; all of them agree on whether each step could be read, so all resume
+from the same one.
 
 The student's variables inside a train state are ``state["params"]["student"]`` and
 ``state["batch_stats"]["student"]`` (a dict or any pytree whose keys or fields are named so);
@@ -41,6 +44,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
+
+from bkd_jax.training.run_files import atomic_write_text
 
 PyTree = Any
 
@@ -118,7 +123,7 @@ def write_integrity(directory: str | epath.PathLike) -> None:
     record = {
         str(p.relative_to(directory)): [p.stat().length, _crc32(p)] for p in _files(directory)
     }
-    (directory / INTEGRITY_FILE).write_text(json.dumps(record, indent=0, sort_keys=True))
+    atomic_write_text(directory / INTEGRITY_FILE, json.dumps(record, indent=0, sort_keys=True))
 
 
 def verify_integrity(directory: str | epath.PathLike) -> None:
@@ -181,8 +186,11 @@ def _manager(
     directory: epath.Path, saving: dict[str, int], **options: Any
 ) -> ocp.CheckpointManager:
     # Done here, synchronously, rather than by orbax's cleanup_tmp_directories in a
-    # background thread that would still run when the first save starts.
+    # background thread that would still run when the first save starts; and before any
+    # process lists the steps, which the manager does as it starts.
     _remove_partial_steps(directory)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"bkd_jax partial steps removed {directory}")
     return ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(
@@ -202,9 +210,41 @@ def saved_steps(directory: str | epath.PathLike) -> list[int]:
     return sorted(ocp.path.step.checkpoint_steps(directory))
 
 
+def _everywhere(ok: bool) -> bool:
+    """Whether `ok` holds on every process: a collective, which every process must call."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
 def _one_line(error: BaseException, limit: int = 400) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _read_step(
+    manager: ocp.CheckpointManager, step: int, abstract: PyTree
+) -> tuple[Any, str | None]:
+    """`(restored, None)`, or `(None, why)` when any process cannot read `step`.
+
+    Every process verifies the step's files, and they agree on the outcome, before any
+    starts orbax's restore (whose collectives would wait forever for a process that
+    skipped it); then they agree on the restore's outcome.
+    """
+    why = None
+    try:
+        verify_integrity(manager.directory / str(step))
+    except Exception as e:  # Any unreadable step falls back.
+        why = _one_line(e)
+    if not _everywhere(why is None):
+        return None, why or "another process found a file damaged (see its log)"
+    try:
+        restored = manager.restore(step, args=_restore_args(abstract))
+    except Exception as e:  # Any unreadable step falls back.
+        restored, why = None, _one_line(e)
+    if not _everywhere(why is None):
+        return None, why or "another process could not restore it (see its log)"
+    return restored, None
 
 
 class Checkpointer:
@@ -320,7 +360,8 @@ class Checkpointer:
 
         A step that cannot be read (a file missing, truncated or changed, or orbax failing on
         it) is logged as an error naming the file, moved to ``workdir/corrupt/``, and the
-        next older step is tried.
+        next older step is tried. On several processes they agree on each step: one that
+        any process cannot read is set aside by all, so all resume from the same step.
 
         Args:
           target: the state's structure: abstract (jax.ShapeDtypeStruct leaves, from
@@ -334,8 +375,8 @@ class Checkpointer:
           ValueError: when checkpoints exist but none of them can be read.
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        if jax.process_count() > 1:  # every process lists the steps before any is set aside
-            multihost_utils.sync_global_devices(f"bkd_jax restore {self._workdir}")
+        # Listed by every process before any step is set aside: that happens only once all
+        # have agreed on the first step (in `_read_step`).
         candidates = sorted(
             ((step, rank) for rank, m in enumerate(self._managers()) for step in m.all_steps()),
             key=lambda c: (-c[0], c[1]),
@@ -343,20 +384,16 @@ class Checkpointer:
         failed = []
         for step, rank in candidates:
             manager = self._managers()[rank]
-            try:
-                verify_integrity(manager.directory / str(step))
-                restored = manager.restore(step, args=_restore_args(abstract))
-            except Exception as e:  # Any unreadable step falls back.
-                logging.error(
-                    "Checkpoint step %d in %s is unusable, falling back to the previous "
-                    "one: %s",
-                    step, manager.directory, _one_line(e),
-                )  # fmt: skip
-                failed.append(step)
-                self._set_aside(manager, step)
-                continue
-            logging.info("Restored step %d from %s.", step, manager.directory)
-            return restored[_STATE], restored[_EXTRA]
+            restored, why = _read_step(manager, step, abstract)
+            if why is None:
+                logging.info("Restored step %d from %s.", step, manager.directory)
+                return restored[_STATE], restored[_EXTRA]
+            logging.error(
+                "Checkpoint step %d in %s is unusable, falling back to the previous one: %s",
+                step, manager.directory, why,
+            )  # fmt: skip
+            failed.append(step)
+            self._set_aside(manager, step)
         if failed:
             raise ValueError(
                 f"None of the checkpoints in {self._workdir} can be read (steps {failed}, now "

@@ -4,6 +4,14 @@ A run writes its resolved config to ``workdir/config.json`` before anything else
 with the same workdir resumes only when its config is the same, so a changed learning rate
 or model cannot silently continue another experiment's checkpoints. Readers (e.g. the
 teacher loader naming the model a workdir holds) use `read_config`.
+
+On several processes, process 0 alone reads and writes the file and hands the text it read
+to the others through a collective (`multihost_utils.broadcast_one_to_all`). So no process
+parses a file another one may be writing (on a shared filesystem, processes start seconds
+apart), and every process reaches the same verdict from the same bytes: all go on, or all
+raise the same error. A collective rather than JAX's distributed key-value store, which
+would carry the text as a string, because only the collective is public JAX API. The
+file itself is written atomically, for readers outside the run.
 """
 
 from __future__ import annotations
@@ -13,7 +21,11 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
+
+from bkd_jax.training.run_files import atomic_write_text
 
 CONFIG_FILE = "config.json"
 
@@ -47,6 +59,28 @@ def read_config(workdir: str | epath.PathLike) -> dict[str, Any] | None:
         return None
 
 
+def _read_text(path: epath.Path) -> str | None:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+def _from_process_zero(text: str | None) -> str | None:
+    """`text` as process 0 has it, on every process: two small broadcasts, its length (-1
+    for None), then its bytes. Every process must call it."""
+    if jax.process_count() == 1:
+        return text
+    data = np.frombuffer(b"" if text is None else text.encode(), np.uint8)
+    size = -1 if text is None else data.size
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(size)))
+    if size <= 0:
+        return None if size < 0 else ""
+    if jax.process_index() != 0:
+        data = np.zeros(size, np.uint8)
+    return multihost_utils.broadcast_one_to_all(data).tobytes().decode()
+
+
 def check_or_write_config(
     workdir: str | epath.PathLike,
     config: Mapping[str, Any],
@@ -56,8 +90,9 @@ def check_or_write_config(
     """Refuses to resume a workdir with a different config; writes it on the first run.
 
     The config (e.g. `ConfigDict.to_dict()`) is compared as JSON, so tuples equal lists
-    and values JSON cannot hold compare by their `str`. Process 0 writes the file; an
-    existing file is never overwritten.
+    and values JSON cannot hold compare by their `str`. Process 0 reads and writes the
+    file (atomically; an existing one is never overwritten) and every process compares
+    what process 0 read, so all of them must call this.
 
     Args:
       workdir: the run's directory.
@@ -66,17 +101,28 @@ def check_or_write_config(
         same experiment, e.g. {"log_every_steps"}. They are still written on the first run.
 
     Raises:
-      ValueError: when `workdir/config.json` exists and differs outside `ignore`; the
-        message lists each differing key with its old and new value.
+      ValueError: when `workdir/config.json` exists and differs outside `ignore` (the
+        message lists each differing key with its old and new value), or is not JSON.
     """
     path = epath.Path(workdir) / CONFIG_FILE
     new = json.loads(json.dumps(config, default=str))
-    if not path.exists():
-        if jax.process_index() == 0:
+    existing = None
+    if jax.process_index() == 0:
+        existing = _read_text(path)
+        if existing is None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(new, indent=2, sort_keys=True) + "\n")
+            atomic_write_text(path, json.dumps(new, indent=2, sort_keys=True) + "\n")
+    existing = _from_process_zero(existing)
+    if existing is None:
         return
-    old, new = _flatten(json.loads(path.read_text())), _flatten(new)
+    try:
+        old = json.loads(existing)
+    except ValueError as e:
+        raise ValueError(
+            f"{path} is not valid JSON ({e}), so the config this workdir was started with "
+            "is unknown; use a fresh --workdir."
+        ) from None
+    old, new = _flatten(old), _flatten(new)
     diffs = [
         f"  {key}: {_show(old, key)} -> {_show(new, key)}"
         for key in sorted(old.keys() | new.keys())

@@ -53,7 +53,12 @@ from bkd_jax.training import (
 )
 from bkd_jax.training.metric_writers import MetricWriter
 from bkd_jax.training.progress import Progress
-from bkd_jax.training.run_files import BEST_METRIC, COSMETIC_KEYS, RESULTS_FILE
+from bkd_jax.training.run_files import (
+    BEST_METRIC,
+    COSMETIC_KEYS,
+    RESULTS_FILE,
+    atomic_write_text,
+)
 from bkd_jax.training.validation import DTYPES, validate_config
 
 
@@ -464,7 +469,7 @@ def _short(train: dict | None, evaluation: dict | None) -> dict[str, float] | No
 
 def _write_results(workdir: epath.Path, summary: dict[str, Any]) -> None:
     if jax.process_index() == 0:
-        (workdir / RESULTS_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(workdir / RESULTS_FILE, json.dumps(summary, indent=2) + "\n")
 
 
 def _log_summary(summary: dict[str, Any], workdir: epath.Path) -> None:

@@ -25,6 +25,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from bkd_jax.training.run_files import atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -53,9 +55,7 @@ class _JsonLinesWriter:
                 for line in path.read_text().splitlines(keepends=True)
                 if line.endswith("\n") and json.loads(line)["step"] <= resume_step
             ]
-            partial = path.parent / f"{path.name}.tmp"
-            partial.write_text("".join(kept))
-            partial.replace(path)
+            atomic_write_text(path, "".join(kept))
         self._file = path.open("a")
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:

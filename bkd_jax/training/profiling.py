@@ -1,7 +1,10 @@
 """A `jax.profiler` trace of a few training steps, for TensorBoard's profile plugin or Perfetto.
 
 `config.profile_steps = N` traces the N steps after the first two of a run (the first
-compiles, the second may still page in), into `workdir/profile/`.
+compiles, the second may still page in), into `workdir/profile/`. On several processes
+each traces into its own `workdir/profile/process_<index>/`: the trace file is named after
+the host and the second it was written, so two processes on one machine would otherwise
+write the same file.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ class StepProfiler:
 
     def __init__(self, workdir: epath.Path, start_step: int, num_steps: int):
         self.directory = workdir / PROFILE_DIR
+        if jax.process_count() > 1:
+            self.directory /= f"process_{jax.process_index()}"
         self.first = start_step + 3 if num_steps > 0 else None
         self.last = None if self.first is None else self.first + num_steps - 1
 
