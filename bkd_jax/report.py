@@ -38,6 +38,7 @@ import io
 import json
 import pathlib
 import statistics
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -547,12 +548,13 @@ def main(argv: list[str]) -> None:
     if len(argv) < 2:
         raise app.UsageError("give one or more run workdirs or folders of them")
     args = flags.FLAGS
+    # Bad folders are one line, not the usage text: the command itself was right.
     try:
         runs, skipped = find_runs(argv[1:])
     except FileNotFoundError as e:
-        raise app.UsageError(str(e)) from None
+        sys.exit(f"error: {e}")
     if not runs:
-        raise app.UsageError(f"no finished runs under {', '.join(argv[1:])}")
+        sys.exit(f"error: no finished runs under {', '.join(argv[1:])}")
     rows = summarize(runs)
     print(render(rows, args.format, skipped), end="")
     if args.plot:

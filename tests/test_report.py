@@ -233,7 +233,14 @@ def test_command_line_prints_the_table_and_draws_both_plots(runs_root, tmp_path)
         [sys.executable, "-m", "bkd_jax.report", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    assert fails.returncode != 0 and "no finished runs" in fails.stderr
+    assert fails.returncode != 0
+    assert fails.stderr.strip() == f"error: no finished runs under {tmp_path}"
+    missing = subprocess.run(
+        [sys.executable, "-m", "bkd_jax.report", str(tmp_path / "nowhere")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert missing.returncode != 0
+    assert missing.stderr.strip() == f"error: no such run or folder: {tmp_path / 'nowhere'}"
 
 
 def test_metrics_by_step_skips_the_line_a_running_run_is_writing(tmp_path):
