@@ -258,6 +258,9 @@ SIZES = {
     "bert_6x768": (6, 768, 12, 3072),
     "bert_4x312": (4, 312, 12, 1200),
     "bert_2x128": (2, 128, 2, 512),
+    # The text demo's (bkd_jax.text_demo) teacher and student, with its own vocabulary.
+    "bert_4x64": (4, 64, 2, 256),
+    "bert_2x32": (2, 32, 2, 128),
 }
 
 MODELS = {
