@@ -295,6 +295,11 @@ def make_connectors(
         the shapes alone, before any compute.
     """
     if isinstance(student, TextBlockNet) or isinstance(teacher, TextBlockNet):
+        if connector != "auto":
+            raise ValueError(
+                f"connector={connector!r} chooses how feature maps become tokens; text "
+                "networks connect token by token: use 'auto'"
+            )
         return make_text_connectors(student, teacher, input_shape, grouping=grouping, dtype=dtype)
     if upsampling not in UPSAMPLING:
         raise ValueError(f"upsampling must be one of {UPSAMPLING}, got {upsampling!r}")

@@ -138,3 +138,5 @@ def test_methods_that_read_feature_maps_refuse_text_pairs(text_pair):
                                        groups=1)  # fmt: skip
     with pytest.raises(ValueError, match="text networks connect only to text networks"):
         make_connectors(student, image_net, shape)
+    with pytest.raises(ValueError, match="connect token by token"):
+        make_connectors(student, teacher, shape, connector="pool")

@@ -167,7 +167,7 @@ class LayerGroup(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, h, train: bool = False) -> MaskedTokens:
+    def __call__(self, h: jax.Array | MaskedTokens, train: bool = False) -> MaskedTokens:
         del train  # no dropout: one function in both modes
         if self.embed:
             input_ids, token_type_ids, mask = h[:, 0], h[:, 1], h[:, 2]
