@@ -98,6 +98,11 @@ def train(
     options = {"groups": config.groups, **config.get("model_options", {})}
     student = bert.get_model(config.student, num_classes, **options)
     method = distillers.get(config.distill.method)
+    if method.optimizer:
+        raise ValueError(
+            f"method {method.name!r} is its own optimizer ({method.optimizer}), not the "
+            "AdamW of BERT fine-tuning the text trainer runs"
+        )
     teacher = teacher_vars = None
     if method.needs_teacher:
         if not config.teacher_checkpoint:

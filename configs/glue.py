@@ -2,9 +2,10 @@ r"""GLUE fine-tuning and distillation of BERT encoders (`python -m bkd_jax.text_
 
 Arguments (`configs/glue.py:key=value,...`): task (sst2 | mrpc | cola | qnli | rte | qqp |
 mnli; default sst2), teacher (default bert_base), student (default bert_6x768; also
-bert_4x312, bert_2x128 and bert_base), method (ce, kd, dkd, dot, dist, wttm, blockkd,
-blockkd_lite; default blockkd), groups (blocks each network is cut into; default the
-largest common divisor of both depths up to 4: 3 for 12 -> 6, 4 for 12 -> 4), seed.
+bert_4x312, bert_2x128 and bert_base), method (ce, kd, dkd, dist, wttm, blockkd,
+blockkd_lite; default blockkd; not DOT, an SGD optimiser), groups (blocks each network is
+cut into; default the largest common divisor of both depths up to 4: 3 for 12 -> 6, 4 for
+12 -> 4), seed.
 The teacher's own fine-tuning is `method=ce,student=bert_base`.
 
 Setting: the Block-KD paper's NLP runs fine-tune for 10 epochs at batch 32 (its tasks and
