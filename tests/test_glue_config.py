@@ -65,3 +65,20 @@ def test_every_glue_recipe_builds_and_blockkd_traces_its_step(method):
     step = steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(1.0))
     _, metrics = jax.eval_shape(step, state, teacher_vars, batch)
     assert metrics["loss"].shape == ()
+
+
+def test_the_report_shows_glue_metrics_of_text_runs(tmp_path):
+    import json
+
+    from bkd_jax import report
+
+    config = glue.get_config("task=mrpc,method=kd").to_dict()
+    metrics = {"eval/student/top1": 0.8, "eval/student/f1": 0.85, "eval/teacher/top1": 0.9}
+    results = {"last": metrics, "best": metrics, "steps": 10, "total_steps": 10}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    runs, _ = report.find_runs([tmp_path])
+    table = report.markdown_table(report.summarize(runs))
+    header, _, row = table.splitlines()
+    assert "f1 last" in header and "top-5" not in header
+    assert "| 80.00 | 80.00 |" in row and "| 85.00 |" in row
