@@ -12,6 +12,16 @@ before its final ReLU and the pooled embedding (what mdistiller's models return 
 record them with `tap` (Flax `sow` into the `intermediates` collection, a no-op unless
 that collection is mutable) and `BlockNet.taps` collects them from one forward pass; the
 normal path computes exactly what it did without them.
+
+Text networks (`TextBlockNet`) keep the same contract with other values flowing through
+it. Their input is one int32 array `(batch, 3, length)` whose rows are the token ids, the
+segment (token type) ids and the padding mask (`text_input` packs it), so every path that
+moves an array batch (sharding, prefetching, device-resident data) moves text unchanged.
+Every block returns, and every block after the first and the head take, `MaskedTokens`:
+the token features `(batch, length, dim)` with the padding mask `(batch, length)` beside
+them, so each block's attention sees which positions are padding. A pytree is as
+jittable as an array, and CNN and ViT BlockNets, whose parts see a plain array, are not
+affected. Text networks have no feature maps: `taps` refuses them in words.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 Variables = Mapping[str, Any]
 
@@ -291,3 +302,51 @@ class BlockNet:
         taps = Taps(recorded[0][STEM], tuple(blocks), tuple(preact), recorded[-1][POOLED])
         features = outputs[:-1]
         return (h, features, taps, variables) if train else (h, features, taps)
+
+
+TEXT_ROWS = ("input_ids", "token_type_ids", "attention_mask")  # rows of a text input
+
+
+class MaskedTokens(NamedTuple):
+    """What a text network's blocks pass on: token features and the padding mask.
+
+    `tokens` is `(batch, length, dim)`; `mask` is `(batch, length)`, 1 at real tokens and
+    0 at padding. Only the positions the mask marks carry meaning.
+    """
+
+    tokens: jax.Array
+    mask: jax.Array
+
+
+def text_input(input_ids: Any, token_type_ids: Any, attention_mask: Any) -> jax.Array:
+    """The `(batch, 3, length)` int32 input of a `TextBlockNet`, rows as `TEXT_ROWS`."""
+    return jnp.stack([input_ids, token_type_ids, attention_mask], axis=1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextBlockNet(BlockNet):
+    """A BlockNet over token sequences with a padding mask (module docstring).
+
+    Block 1 takes the packed `(batch, 3, length)` int32 input (`text_input`); blocks
+    return `MaskedTokens`; the head maps the last block's `MaskedTokens` to logits.
+    """
+
+    input_channels: int = len(TEXT_ROWS)
+
+    def check_input(self, x: jax.Array) -> None:
+        """Raises ValueError unless `x` is a `(batch, 3, length)` integer array."""
+        if x.ndim != 3 or x.shape[1] != len(TEXT_ROWS):
+            raise ValueError(
+                f"{self.name}: expected a text input of shape (batch, {len(TEXT_ROWS)}, "
+                f"length) with rows {', '.join(TEXT_ROWS)} (bkd_jax.blocknet.text_input), "
+                f"got shape {x.shape}"
+            )
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{self.name}: expected integer token ids, got dtype {x.dtype}")
+
+    def tapped_features(self, variables: Variables, x: jax.Array, *, train: bool = False):
+        """Refused: feature taps are NHWC maps, which a text network does not have."""
+        raise ValueError(
+            f"{self.name} is a text network: it has no feature maps for methods that read "
+            "feature taps; use a logit method (ce, kd, dkd, dist, wttm, blockkd, blockkd_lite)"
+        )

@@ -65,6 +65,15 @@ def _teacher_suffixes(
     return logits
 
 
+def _concatenate(hs: Sequence[Any]) -> Any:
+    """Block inputs joined along the batch axis, leaf by leaf (arrays or `MaskedTokens`)."""
+    return jax.tree.map(lambda *leaves: jnp.concatenate(leaves), *hs)
+
+
+def _batch_size(h: Any) -> int:
+    return jax.tree.leaves(h)[0].shape[0]
+
+
 def _batched_teacher_suffixes(
     teacher: BlockNet,
     teacher_vars: Variables,
@@ -83,11 +92,11 @@ def _batched_teacher_suffixes(
     for j in range(entries[order[0]][0], teacher.num_blocks + 2):
         joining = [entries[i][1] for i in order if entries[i][0] == j]
         if joining:
-            h = jnp.concatenate(joining if h is None else [h, *joining])
+            h = _concatenate(joining if h is None else [h, *joining])
         if j <= teacher.num_blocks:
             h = _teacher_block(teacher, j, remat)(teacher_vars, h)
     logits = teacher.apply_head(teacher_vars, h)
-    bounds = np.cumsum([entries[i][1].shape[0] for i in order])[:-1]
+    bounds = np.cumsum([_batch_size(entries[i][1]) for i in order])[:-1]
     by_stone = dict(zip(order, jnp.split(logits, bounds)))
     return {i: by_stone[i] for i in entries}
 

@@ -22,6 +22,11 @@ of C_i follows from the two shapes at the cut:
   teacher's, the prefix tokens carried over (the first ones, when the student has more;
   made as for a map when it has none), a Dense layer and LayerNorm per token.
 
+Text networks (`bkd_jax.blocknet.TextBlockNet`, whose blocks pass `MaskedTokens`) connect
+only to text networks, token by token (`TextConnector`): a Dense layer and LayerNorm on
+every token when the widths differ, the identity when they match; the padding mask is
+carried over unchanged, so the teacher's blocks mask what the student's did.
+
 `make_connectors(..., connector=...)` chooses how maps become tokens: "auto" (patchify) or
 explicitly "patchify" or "pool".
 
@@ -43,7 +48,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bkd_jax.blocknet import BlockNet, Variables, apply_part, grid_side, patch_grid, with_part
+from bkd_jax.blocknet import (
+    BlockNet,
+    MaskedTokens,
+    TextBlockNet,
+    Variables,
+    apply_part,
+    grid_side,
+    patch_grid,
+    with_part,
+)
 from bkd_jax.models.layers import batch_norm, conv
 
 Grouping = tuple[tuple[int, ...], tuple[int, ...]]
@@ -280,6 +294,13 @@ def make_connectors(
         adapted to the teacher's (the message names the stone and blocks); raised from
         the shapes alone, before any compute.
     """
+    if isinstance(student, TextBlockNet) or isinstance(teacher, TextBlockNet):
+        if connector != "auto":
+            raise ValueError(
+                f"connector={connector!r} chooses how feature maps become tokens; text "
+                "networks connect token by token: use 'auto'"
+            )
+        return make_text_connectors(student, teacher, input_shape, grouping=grouping, dtype=dtype)
     if upsampling not in UPSAMPLING:
         raise ValueError(f"upsampling must be one of {UPSAMPLING}, got {upsampling!r}")
     if connector not in CONNECTORS:
@@ -317,3 +338,87 @@ def make_connectors(
             f"{where} connects a map to tokens (kinds {tuple(kinds)}); use 'auto'"
         )
     return Connectors(student_cuts, teacher_cuts, tuple(in_shapes), tuple(modules), tuple(kinds))
+
+
+# LayerNorm epsilon of a text connector: BERT's (transformers' BertConfig.layer_norm_eps),
+# as the teacher's blocks read LayerNorm outputs of that epsilon.
+TEXT_LN_EPSILON = 1e-12
+
+
+class TextConnector(nn.Module):
+    """Student `MaskedTokens` -> the teacher's width: Dense + LayerNorm per token.
+
+    With `out_dim` None (equal widths) it is the identity and has no parameters.
+    """
+
+    out_dim: int | None
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: MaskedTokens, train: bool = False) -> MaskedTokens:
+        del train
+        if self.out_dim is None:
+            return h
+        x = nn.Dense(self.out_dim, dtype=self.dtype, name="proj")(h.tokens)
+        x = nn.LayerNorm(epsilon=TEXT_LN_EPSILON, dtype=self.dtype, name="norm")(x)
+        return MaskedTokens(x, h.mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConnectors(Connectors):
+    """`Connectors` between text networks: `in_shapes` are `(length, dim)` per cut."""
+
+    def init(self, key: jax.Array, stones: Sequence[int] | None = None) -> dict[str, Any]:
+        stones = range(1, self.num_stones + 1) if stones is None else stones
+        keys = jax.random.split(key, self.num_stones)
+        variables: dict[str, Any] = {}
+        for i in stones:
+            length, dim = self.in_shapes[i - 1]
+            h = MaskedTokens(jnp.zeros((1, length, dim)), jnp.ones((1, length), jnp.int32))
+            part = self.modules[i - 1].init(keys[i - 1], h, train=False)
+            variables = with_part(variables, self.part_name(i), part)
+        return variables
+
+
+def make_text_connectors(
+    student: BlockNet,
+    teacher: BlockNet,
+    input_shape: Sequence[int],
+    *,
+    grouping: Grouping | None = None,
+    dtype: jnp.dtype = jnp.float32,
+) -> TextConnectors:
+    """C_1..C_n between two text networks on inputs of shape `(..., 3, length)`.
+
+    Raises:
+      ValueError: one network is not a text network, or a malformed grouping.
+    """
+    if not (isinstance(student, TextBlockNet) and isinstance(teacher, TextBlockNet)):
+        raise ValueError(
+            f"cannot connect {student.name} to {teacher.name}: text networks connect only to "
+            "text networks"
+        )
+    if grouping is None:
+        grouping = default_grouping(student.num_blocks, teacher.num_blocks)
+    student_cuts, teacher_cuts = (tuple(int(c) for c in cuts) for cuts in grouping)
+    if len(student_cuts) != len(teacher_cuts):
+        raise ValueError(
+            f"grouping has {len(student_cuts)} student cuts but {len(teacher_cuts)} teacher "
+            "cuts; both networks must be cut into the same number of blocks"
+        )
+    _check_cuts(student_cuts, student, "student")
+    _check_cuts(teacher_cuts, teacher, "teacher")
+    x = jax.ShapeDtypeStruct((1, *input_shape[-2:]), jnp.int32)
+
+    def widths(net: BlockNet) -> list[tuple[int, int]]:
+        feats = jax.eval_shape(lambda x: net.features(net.init(jax.random.key(0), x), x)[1], x)
+        return [tuple(f.tokens.shape[1:]) for f in feats]
+
+    s_shapes, t_shapes = widths(student), widths(teacher)
+    in_shapes, modules = [], []
+    for sc, tc in zip(student_cuts, teacher_cuts):
+        src, dst = s_shapes[sc - 1], t_shapes[tc - 1]
+        in_shapes.append(src)
+        modules.append(TextConnector(None if src[-1] == dst[-1] else dst[-1], dtype))
+    kinds = tuple("identity" if m.out_dim is None else "tokens" for m in modules)
+    return TextConnectors(student_cuts, teacher_cuts, tuple(in_shapes), tuple(modules), kinds)

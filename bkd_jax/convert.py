@@ -27,6 +27,13 @@ extracts to), converting every teacher in it into `--output/<zoo name>`:
     python -m bkd_jax.convert --model resnet32x4 --input ckpt_epoch_240.pth --output DIR
     python -m bkd_jax.convert --input resnet18-f37072fd.pth --output teachers/imagenet_resnet18
     python -m bkd_jax.convert --input cifar_teachers.tar --output teachers
+
+Hugging Face BERT checkpoints (`pytorch_model.bin` or `model.safetensors`) convert into
+the text models of `bkd_jax.models.bert` (`bkd_jax.convert_bert`), with `--num-classes`
+for a checkpoint without a classifier and `--groups` for the blocks to cut it into:
+
+    python -m bkd_jax.convert --model bert_base --input model.safetensors --num-classes 2 \
+        --groups 3 --output teachers/bert_base
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ from flax import traverse_util
 
 from bkd_jax import pth
 from bkd_jax.blocknet import BlockNet
-from bkd_jax.models import available, get_model, smallest_input_size
+from bkd_jax.models import available, bert, get_model, smallest_input_size
 
 # PyTorch leaf -> where it may live in Flax: (collection, leaf) candidates, first match wins.
 _TARGETS = {
@@ -317,6 +324,27 @@ def _run(jobs: Sequence[Job]) -> None:
             print(f"  its publisher reports {job.published_top1}% top-1")
 
 
+def _convert_bert(
+    model: str, source: pathlib.Path, output: pathlib.Path, num_classes: int | None, groups: int
+) -> None:
+    """Converts one Hugging Face BERT file and saves it as `save_variables` does."""
+    from bkd_jax import convert_bert
+    from bkd_jax.training import checkpointing
+
+    if output.exists():
+        raise ValueError(f"{output} already exists; refusing to overwrite it")
+    done = convert_bert.from_file(model, source, num_classes=num_classes, groups=groups)
+    metadata = {
+        "model": model, "num_classes": done.num_classes, "groups": groups, "source": str(source)
+    }  # fmt: skip
+    checkpointing.save_variables(output, done.variables, metadata)
+    print(f"wrote {model} ({done.num_classes} classes, {groups} blocks) from {source} to {output}")
+    if done.dropped:
+        print(f"  dropped {len(done.dropped)} keys: pretraining heads and buffers")
+    if done.initialised:
+        print(f"  no classifier in the checkpoint: initialised {', '.join(done.initialised)}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: convert `.pth` files and save each with `checkpointing.save_variables`."""
     parser = argparse.ArgumentParser(
@@ -329,7 +357,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--model",
         help="zoo model of a single .pth file; optional for torchvision's released files "
-        f"({', '.join(TORCHVISION_FILES)}). Zoo: {', '.join(available())}",
+        f"({', '.join(TORCHVISION_FILES)}). Zoo: {', '.join(available())}; BERT (a "
+        f"Hugging Face .bin or .safetensors file): {', '.join(bert.MODELS)}",
     )
     parser.add_argument(
         "--input",
@@ -343,12 +372,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="directory to create (must not exist); for an archive, the parent of one "
         "directory per teacher, named after its zoo model",
     )
+    parser.add_argument(
+        "--num-classes", type=int, help="BERT: classifier width when the checkpoint has none"
+    )
+    parser.add_argument("--groups", type=int, default=2, help="BERT: blocks to cut it into")
     args = parser.parse_args(argv)
     # orbax wants absolute paths.
     source, output = pathlib.Path(args.input), pathlib.Path(args.output).absolute()
     try:
         if not source.exists():
             raise ValueError(f"{source} does not exist")
+        if args.model in bert.MODELS:
+            _convert_bert(args.model, source, output, args.num_classes, args.groups)
+            return
         if source.is_file() and not tarfile.is_tarfile(source):
             _run([file_job(source, args.model, output)])
             return

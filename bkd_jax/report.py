@@ -61,6 +61,8 @@ ROW_FIELDS = (
 )  # fmt: skip
 # The student's figures, in table order; stepping-stones follow, then images/s.
 STUDENT_METRICS = ("top1_last", "top1_best", "top5_last", "top5_best", "teacher_top1")
+# GLUE's metrics besides accuracy (bkd_jax.text_train's runs), x 100 as GLUE reports them.
+GLUE_METRICS = ("f1", "matthews", "pearson", "spearman")
 LEGEND = (
     "Top-1 and top-5 in %, mean ± sample standard deviation (ddof=1) over the seeds (one "
     "seed: the value). last: at the final evaluation (the headline figure); best: the best "
@@ -227,12 +229,12 @@ def images_per_second(run: Run) -> float | None:
 def run_values(run: Run) -> dict[str, float]:
     """The reported figures of one run (accuracies in %)."""
     last, best = run.results["last"], run.results["best"]
-    values = {
-        "top1_last": 100 * last[TOP1],
-        "top1_best": 100 * best[TOP1],
-        "top5_last": 100 * last[TOP5],
-        "top5_best": 100 * best[TOP5],
-    }
+    values = {"top1_last": 100 * last[TOP1], "top1_best": 100 * best[TOP1]}
+    if TOP5 in last:  # text classification runs (bkd_jax.text_train) report no top-5
+        values.update(top5_last=100 * last[TOP5], top5_best=100 * best[TOP5])
+    for name in GLUE_METRICS:
+        if f"eval/student/{name}" in last:
+            values[f"{name}_last"] = 100 * last[f"eval/student/{name}"]
     if TEACHER_TOP1 in last:
         values["teacher_top1"] = 100 * last[TEACHER_TOP1]
     stones = [k.split("/")[1] for k in last if k.startswith("eval/stone") and k.endswith("/top1")]
@@ -317,7 +319,8 @@ def _stones(rows: Sequence[Row]) -> list[str]:
 
 def figure_names(rows: Sequence[Row]) -> list[str]:
     """The figures some row has, in table order."""
-    names = [*STUDENT_METRICS, *(f"{s}_top1" for s in _stones(rows)), "images_per_second"]
+    names = [*STUDENT_METRICS, *(f"{m}_last" for m in GLUE_METRICS)]
+    names += [*(f"{s}_top1" for s in _stones(rows)), "images_per_second"]
     return [n for n in names if any(f"{n}_mean" in r for r in rows)]
 
 
@@ -348,6 +351,7 @@ def columns(rows: Sequence[Row]) -> list[tuple[str, Callable[[Row], str]]]:
         ("top-5 last", lambda r: format_mean_std(r, "top5_last")),
         ("top-5 best", lambda r: format_mean_std(r, "top5_best")),
         ("teacher", lambda r: format_mean_std(r, "teacher_top1")),
+        *((f"{m} last", lambda r, m=m: format_mean_std(r, f"{m}_last")) for m in GLUE_METRICS),
     ]
     for stone in _stones(rows):
         candidates.append((stone, lambda r, s=stone: format_mean_std(r, f"{s}_top1")))

@@ -18,7 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 import ml_collections
 
-from bkd_jax.blocknet import BlockNet
+from bkd_jax.blocknet import BlockNet, TextBlockNet
 from bkd_jax.distillers.base import (
     TENSORS,
     Distiller,
@@ -103,6 +103,20 @@ def method_knobs(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {**defaults, **given}
 
 
+def _check_text_pair(
+    method: Method, knobs: Mapping[str, Any], student: BlockNet, teacher: BlockNet | None
+) -> None:
+    """Refuses, in words, methods that read feature maps when a network is a text network."""
+    text = [net.name for net in (student, teacher) if isinstance(net, TextBlockNet)]
+    feature = "taps" in method.consumes or knobs.get("feature_method")
+    if text and feature:
+        raise ValueError(
+            f"method {method.name!r} reads feature maps, which text networks "
+            f"({', '.join(text)}) do not have; logit methods (ce, kd, dkd, dist, wttm, "
+            "blockkd, blockkd_lite) work on text"
+        )
+
+
 def make_distiller(
     cfg: Mapping[str, Any],
     student: BlockNet,
@@ -127,6 +141,7 @@ def make_distiller(
         teacher = None
     elif teacher is None:
         raise ValueError(f"method {method.name!r} distils from a teacher, but none was given")
+    _check_text_pair(method, knobs, student, teacher)
     pair = Pair(
         student, teacher, tuple(input_shape), dtype, batch_stones, remat_teacher, num_examples
     )
