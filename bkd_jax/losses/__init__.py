@@ -36,6 +36,14 @@ from bkd_jax.losses.logit import (
     standardize_logits,
     wttm_loss,
 )
+from bkd_jax.losses.wkd import (
+    WKD_SINKHORN_ITERS,
+    WKD_SINKHORN_LAMBDA,
+    sinkhorn_transport_cost,
+    wkd_cost_from_prototypes,
+    wkd_feature_loss,
+    wkd_logit_loss,
+)
 
 __all__ = [
     "CRD_FEAT_DIM",
@@ -45,6 +53,8 @@ __all__ = [
     "DISTANCES",
     "VID_EPS",
     "VID_INIT_PRED_VAR",
+    "WKD_SINKHORN_ITERS",
+    "WKD_SINKHORN_LAMBDA",
     "at_loss",
     "blockkd_loss",
     "crd_init_memory",
@@ -65,9 +75,13 @@ __all__ = [
     "pkt_loss",
     "register_distance",
     "rkd_loss",
+    "sinkhorn_transport_cost",
     "sp_loss",
     "standardize_logits",
     "vid_init_log_scale",
     "vid_loss",
+    "wkd_cost_from_prototypes",
+    "wkd_feature_loss",
+    "wkd_logit_loss",
     "wttm_loss",
 ]
