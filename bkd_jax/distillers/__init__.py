@@ -134,6 +134,7 @@ def make_distiller(
     return Distiller(
         method.name, student, recipe.objective, teacher, recipe.modules,
         float(knobs.get("warmup_epochs", 0)), recipe.taps or "taps" in method.consumes,
+        recipe.schedule,
     )  # fmt: skip
 
 
