@@ -157,13 +157,14 @@ from bkd_jax.distillers import (  # noqa: E402
     rkd,
     sp,
     vid,
+    wkd,
     wttm,
 )
 
 for _method in (
     ce.METHOD, kd.METHOD, dkd.METHOD, dot.METHOD, dist.METHOD, wttm.METHOD,
     fitnet.METHOD, at.METHOD, nst.METHOD, pkt.METHOD, kdsvd.METHOD, rkd.METHOD, sp.METHOD,
-    vid.METHOD, ofd.METHOD, crd.METHOD, reviewkd.METHOD,
+    vid.METHOD, ofd.METHOD, crd.METHOD, reviewkd.METHOD, wkd.METHOD_L, wkd.METHOD_F, wkd.METHOD,
     blockkd.BLOCKKD, blockkd.BLOCKKD_LITE,
 ):  # fmt: skip
     register(_method)
