@@ -13,7 +13,9 @@ pairs of mdistiller's CIFAR-100 tables; every one has its recipe here:
   (configs/cifar100/dkd/<pair>.yaml DKD.BETA; pairs without one use the default 8.0),
   which Block-KD's DKD distance takes too; DOT's delta (configs/cifar100/dot/*.yaml,
   0.075 for the three pairs it publishes, the default elsewhere); ReviewKD's weight
-  (`_REVIEWKD_WEIGHT`).
+  (`_REVIEWKD_WEIGHT`); WKD's (`wkd_l`, `wkd_f`, `wkd`) for wrn_40_2 -> shufflenetv1
+  (`_WKD_WRN_SHUFFLE`; resnet32x4 -> resnet8x4 is its knobs' default). WKD's released
+  configs use a CKA cost computed offline; the default here is its "fc" cost.
 
 Launch (a teacher first, then a student distilled from it; `python -m bkd_jax.sweep` runs
 whole grids in this order):
@@ -71,6 +73,16 @@ _REVIEWKD_WEIGHT = {
     ("resnet32x4", "shufflenetv2"): 8.0,
     ("wrn_40_2", "shufflenetv1"): 5.0,
 }
+# WKD on wrn_40_2 -> shufflenetv1 (github JiamingLv/WKD configs/cifar100/<variant>/
+# wrn40_2_shuv1.yaml; resnet32x4 -> resnet8x4 is the knobs' default, the other pairs keep it).
+_WKD_WRN_SHUFFLE = {
+    "wkd_l": {"logit_weight": 200.0, "temperature": 6.0},
+    "wkd_f": {"feat_weight": 0.3, "mean_cov_ratio": 3.0, "spatial_grid": 4},
+    "wkd": {
+        "logit_weight": 60.0, "feat_weight": 0.5, "temperature": 4.0, "mean_cov_ratio": 3.0,
+        "spatial_grid": 4,
+    },
+}  # fmt: skip
 # Per-pair overrides of `config`, by method: {method: {pair: {field: value}}}.
 PAIR_KNOBS = {
     "dkd": {pair: {"distill": {"dkd": {"beta": b}}} for pair, b in _DKD_BETA.items()},
@@ -85,6 +97,10 @@ PAIR_KNOBS = {
     },
     "reviewkd": {
         pair: {"distill": {"reviewkd": {"feat_weight": w}}} for pair, w in _REVIEWKD_WEIGHT.items()
+    },
+    **{
+        m: {("wrn_40_2", "shufflenetv1"): {"distill": {m: knobs}}}
+        for m, knobs in _WKD_WRN_SHUFFLE.items()
     },
 }
 
