@@ -36,6 +36,7 @@ from bkd_jax.losses.logit import (
     standardize_logits,
     wttm_loss,
 )
+from bkd_jax.losses.mlkd import MLKD_FIXED_TEMPERATURES, mlkd_loss
 from bkd_jax.losses.wkd import (
     WKD_SINKHORN_ITERS,
     WKD_SINKHORN_LAMBDA,
@@ -51,6 +52,7 @@ __all__ = [
     "CRD_NCE_MOMENTUM",
     "CRD_NCE_TEMPERATURE",
     "DISTANCES",
+    "MLKD_FIXED_TEMPERATURES",
     "VID_EPS",
     "VID_INIT_PRED_VAR",
     "WKD_SINKHORN_ITERS",
@@ -69,6 +71,7 @@ __all__ = [
     "hcl_loss",
     "kd_loss",
     "kdsvd_loss",
+    "mlkd_loss",
     "nst_loss",
     "ofd_loss",
     "ofd_margin",
