@@ -51,6 +51,7 @@ def build(config):
         "image": jax.random.normal(jax.random.key(0), (2, size, size, 3)),
         "label": jnp.array([0, classes - 1], jnp.int32),
         "index": jnp.array([0, 1], jnp.int32),
+        "image_strong": jax.random.normal(jax.random.key(1), (2, size, size, 3)),  # MLKD's
     }
     distiller = distillers.make_distiller(
         config.distill, student, teacher, batch["image"].shape, num_examples=NUM_EXAMPLES

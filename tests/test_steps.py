@@ -39,6 +39,7 @@ def teacher_and_batch():
         "image": jnp.asarray(x),
         "label": jnp.asarray(digits.target[: SHAPE[0]], jnp.int32),
         "index": jnp.arange(SHAPE[0], dtype=jnp.int32),
+        "image_strong": jnp.asarray(x[:, :, ::-1] ** 2),  # MLKD's second view
     }
     return teacher, teacher.init(jax.random.key(2), batch["image"]), batch
 

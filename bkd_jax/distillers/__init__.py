@@ -150,6 +150,7 @@ from bkd_jax.distillers import (  # noqa: E402
     fitnet,
     kd,
     kdsvd,
+    mlkd,
     nst,
     ofd,
     pkt,
@@ -162,7 +163,7 @@ from bkd_jax.distillers import (  # noqa: E402
 )
 
 for _method in (
-    ce.METHOD, kd.METHOD, dkd.METHOD, dot.METHOD, dist.METHOD, wttm.METHOD,
+    ce.METHOD, kd.METHOD, dkd.METHOD, dot.METHOD, dist.METHOD, wttm.METHOD, mlkd.METHOD,
     fitnet.METHOD, at.METHOD, nst.METHOD, pkt.METHOD, kdsvd.METHOD, rkd.METHOD, sp.METHOD,
     vid.METHOD, ofd.METHOD, crd.METHOD, reviewkd.METHOD, wkd.METHOD_L, wkd.METHOD_F, wkd.METHOD,
     blockkd.BLOCKKD, blockkd.BLOCKKD_LITE,

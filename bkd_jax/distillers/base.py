@@ -28,8 +28,10 @@ from bkd_jax import losses
 from bkd_jax.blocknet import BlockNet, Taps, Variables
 
 # Tensors a method may consume; `Method.consumes` documents which (taps: stem, block,
-# pre-activation outputs and pooled embeddings; index: each example's dataset index).
-TENSORS = ("logits", "blocks", "stones", "taps", "index")
+# pre-activation outputs and pooled embeddings; index: each example's dataset index;
+# strong_view: a second, strongly augmented view of each image, batch["image_strong"],
+# of the shape and dtype of batch["image"]).
+TENSORS = ("logits", "blocks", "stones", "taps", "index", "strong_view")
 
 
 class Forward(NamedTuple):
