@@ -98,9 +98,12 @@ def test_every_pair_traces_with_block_kd(name):
 
 def test_every_method_traces_on_an_imagenet_pair():
     for method in distillers.available():
-        _, metrics = train_step_shapes(
-            recipe("imagenet", config_module("imagenet").PAIRS[0], method)
-        )
+        config = recipe("imagenet", config_module("imagenet").PAIRS[0], method)
+        if method in ("wkd_f", "wkd"):  # 1x1 last maps at 32 pixels: no variance to match
+            with pytest.raises(ValueError, match="for 1x1 maps"):
+                train_step_shapes(config)
+            continue
+        _, metrics = train_step_shapes(config)
         assert np.dtype(metrics["loss"].dtype) == np.float32, method
 
 
