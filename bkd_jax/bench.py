@@ -199,12 +199,13 @@ class Bench:
         self.optim_config = config_defaults.optim_config(0.05, (150, 180, 210), 5e-4)
 
     def random_batch(self, batch_size: int) -> dict[str, jax.Array]:
-        image_key, label_key = jax.random.split(jax.random.key(batch_size))
+        image_key, label_key, strong_key = jax.random.split(jax.random.key(batch_size), 3)
         shape = (batch_size, self.image_size, self.image_size, 3)
         return {
             "image": jax.random.normal(image_key, shape, jnp.float32),
             "label": jax.random.randint(label_key, (batch_size,), 0, self.classes),
             "index": jnp.arange(batch_size, dtype=jnp.int32),  # examples' dataset indices
+            "image_strong": jax.random.normal(strong_key, shape, jnp.float32),  # MLKD's view
         }
 
     def distiller(self, v: Variant) -> distillers.Distiller:

@@ -13,7 +13,12 @@ pairs of mdistiller's CIFAR-100 tables; every one has its recipe here:
   (configs/cifar100/dkd/<pair>.yaml DKD.BETA; pairs without one use the default 8.0),
   which Block-KD's DKD distance takes too; DOT's delta (configs/cifar100/dot/*.yaml,
   0.075 for the three pairs it publishes, the default elsewhere); ReviewKD's weight
-  (`_REVIEWKD_WEIGHT`).
+  (`_REVIEWKD_WEIGHT`); WKD's (`wkd_l`, `wkd_f`, `wkd`) for wrn_40_2 -> shufflenetv1
+  (`_WKD_WRN_SHUFFLE`; resnet32x4 -> resnet8x4 is its knobs' default). WKD's released
+  configs use a CKA cost computed offline; the default here is its "fc" cost. MLKD's
+  learning rate and length per pair (`_MLKD_SOLVER`, 240 to 960 epochs; with
+  standardize=1 those of the logit-standardisation authors, `_MLKD_STANDARDIZED_SOLVER`);
+  MLKD needs the data's strong view (batch key "image_strong").
 
 Launch (a teacher first, then a student distilled from it; `python -m bkd_jax.sweep` runs
 whole grids in this order):
@@ -71,6 +76,46 @@ _REVIEWKD_WEIGHT = {
     ("resnet32x4", "shufflenetv2"): 8.0,
     ("wrn_40_2", "shufflenetv1"): 5.0,
 }
+# WKD on wrn_40_2 -> shufflenetv1 (github JiamingLv/WKD configs/cifar100/<variant>/
+# wrn40_2_shuv1.yaml; resnet32x4 -> resnet8x4 is the knobs' default, the other pairs keep it).
+_WKD_WRN_SHUFFLE = {
+    "wkd_l": {"logit_weight": 200.0, "temperature": 6.0},
+    "wkd_f": {"feat_weight": 0.3, "mean_cov_ratio": 3.0, "spatial_grid": 4},
+    "wkd": {
+        "logit_weight": 60.0, "feat_weight": 0.5, "temperature": 4.0, "mean_cov_ratio": 3.0,
+        "spatial_grid": 4,
+    },
+}  # fmt: skip
+# MLKD's SOLVER.LR and EPOCHS per pair, batch 64, lr x0.1 at 150/180/210 whatever the
+# length: github Jin-Ying/Multi-Level-Logit-Distillation configs/cifar100/ours/<pair>.yaml.
+_MLKD_SOLVER = {
+    ("resnet56", "resnet20"): (0.025, 240),
+    ("resnet110", "resnet32"): (0.025, 240),
+    ("resnet32x4", "resnet8x4"): (0.025, 240),
+    ("wrn_40_2", "wrn_16_2"): (0.025, 240),
+    ("wrn_40_2", "wrn_40_1"): (0.025, 240),
+    ("vgg13", "vgg8"): (0.025, 240),
+    ("resnet32x4", "shufflenetv1"): (0.01, 960),
+    ("resnet32x4", "shufflenetv2"): (0.01, 960),
+    ("vgg13", "mobilenetv2"): (0.01, 480),
+    ("resnet50", "mobilenetv2"): (0.01, 480),
+    ("wrn_40_2", "shufflenetv1"): (0.01, 480),
+}
+# MLKD with logit standardisation: github sunshangquan/logit-standardization-KD
+# configs/cifar100/mlkd/<pair>.yaml (480 epochs, 960 for the ShuffleNets; lr 0.01 for
+# vgg13 -> vgg8 there).
+_MLKD_STANDARDIZED_SOLVER = {
+    **{pair: (lr, 480) for pair, (lr, _) in _MLKD_SOLVER.items()},
+    ("vgg13", "vgg8"): (0.01, 480),
+    ("resnet32x4", "shufflenetv1"): (0.01, 960),
+    ("resnet32x4", "shufflenetv2"): (0.01, 960),
+}
+
+
+def _solver(lr: float, epochs: int) -> dict:
+    return {"optim": {"learning_rate": lr}, "num_epochs": epochs}
+
+
 # Per-pair overrides of `config`, by method: {method: {pair: {field: value}}}.
 PAIR_KNOBS = {
     "dkd": {pair: {"distill": {"dkd": {"beta": b}}} for pair, b in _DKD_BETA.items()},
@@ -86,6 +131,11 @@ PAIR_KNOBS = {
     "reviewkd": {
         pair: {"distill": {"reviewkd": {"feat_weight": w}}} for pair, w in _REVIEWKD_WEIGHT.items()
     },
+    "mlkd": {pair: _solver(*solver) for pair, solver in _MLKD_SOLVER.items()},
+    **{
+        m: {("wrn_40_2", "shufflenetv1"): {"distill": {m: knobs}}}
+        for m, knobs in _WKD_WRN_SHUFFLE.items()
+    },
 }
 
 # Logit standardisation (Sun et al., CVPR 2024), github sunshangquan/logit-standardization-KD
@@ -98,6 +148,9 @@ STANDARDIZED = {
     "kd": _KD_STANDARDIZED,
     "dot": _KD_STANDARDIZED,
     "dkd": {"temperature": 2.0, "alpha": 9.0},
+    # tools/train.py there: --logit-stand sets MLKD's KD weight and base temperature only
+    # (its cfg.py keeps CE weight 0.1); the extra temperatures 3, 5, 2, 6 stay.
+    "mlkd": {"temperature": 2.0, "kd_weight": 9.0},
     "blockkd": {"temperature": 2.0},
     "blockkd_lite": {"temperature": 2.0},
 }
@@ -121,4 +174,6 @@ def get_config(arg: str | None = None):
         knobs.update(standardize=True, **STANDARDIZED.get(args["method"], {}))
         if args["method"] == "dkd":
             knobs.beta *= _DKD_STANDARDIZED_BETA_FACTOR
+        if args["method"] == "mlkd" and pair in _MLKD_STANDARDIZED_SOLVER:
+            override(config, _solver(*_MLKD_STANDARDIZED_SOLVER[pair]))
     return config

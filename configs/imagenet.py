@@ -8,7 +8,9 @@ KD temperature 1 and CE:KD weights 0.5:0.5 (kd.yaml; DOT too, dot.yaml, with del
 DKD CE weight 1.0, temperature 1, warm-up 1 epoch and beta 0.5 (r34_r18/dkd.yaml) or 2.0
 (r50_mv1/dkd.yaml); DIST temperature 1 (its authors' resnet_dist.yaml); ReviewKD warm-up 1
 epoch on the student's pre-activations, weight 1 (r34_r18) or 8 with 256 mid channels
-(r50_mv1; reviewkd.yaml); Block-KD temperature 1 and warm-up 1 epoch (our choice,
+(r50_mv1; reviewkd.yaml); WKD-L, WKD-F and both from WKD's authors (`_WKD`,
+`_WKD_R50_MV1`; their batch 256 at lr 0.1, here 512 at 0.2; their README's best, L+F on
+r34_r18: 72.76); Block-KD temperature 1 and warm-up 1 epoch (our choice,
 following DKD's ImageNet recipe; docs/method.md). Teachers are torchvision's weights,
 converted with `python -m bkd_jax.convert`.
 
@@ -36,7 +38,19 @@ _DKD_BETA = dict(zip(PAIRS, (0.5, 2.0)))  # DKD.BETA of mdistiller's <pair>/dkd.
 # ImageNet knobs of each method, for every pair.
 _KD = {"temperature": 1.0, "ce_weight": 0.5, "kd_weight": 0.5}
 _BLOCKKD = {"temperature": 1.0, "warmup_epochs": 1}
+# WKD, github JiamingLv/WKD configs/imagenet/r34_r18/wkd_{l,f,lf}.yaml: temperature 2,
+# cosine decay of the weights over the whole run
+# (COSINE_DECAY_EPOCH unset: cfg.py's 0), the feature term on feats[-1] (HINT_LAYER 4 in
+# wkd_lf.yaml, cfg.py's 4 for wkd_f: the last stage of a ResNet) with cfg.py's bottleneck
+# projector and 4x4 grid, mean/covariance ratio 2.
+_WKD = {
+    "decay_epochs": (0, 100), "temperature": 2.0, "projector": "bottleneck",
+    "spatial_grid": 4, "mean_cov_ratio": 2.0, "hint_layer": -1,
+}  # fmt: skip
 METHOD_KNOBS = {
+    "wkd_l": {"distill": {"wkd_l": {**_WKD, "logit_weight": 30.0}}},
+    "wkd_f": {"distill": {"wkd_f": {**_WKD, "feat_weight": 0.02}}},
+    "wkd": {"distill": {"wkd": {**_WKD, "logit_weight": 10.0, "feat_weight": 1.0}}},
     "kd": {"distill": {"kd": _KD}},
     "dot": {"distill": {"dot": _KD}, "optim": {"dot_delta": 0.09}},
     "dkd": {"distill": {"dkd": {"temperature": 1.0, "ce_weight": 1.0, "warmup_epochs": 1}}},
@@ -47,7 +61,15 @@ METHOD_KNOBS = {
     # mdistiller configs/imagenet/{r34_r18,r50_mv1}/reviewkd.yaml: WARMUP_EPOCHS 1, STU_PREACT.
     "reviewkd": {"distill": {"reviewkd": {"warmup_epochs": 1, "stu_preact": True}}},
 }
+# configs/imagenet/r50_mv1/wkd_{l,f,lf}.yaml: weights 25 and 0.005, cost sharpened by 2,
+# WKD-F alone decayed from epoch 30.
+_WKD_R50_MV1 = {
+    "wkd_l": {"logit_weight": 25.0, "cost_sharpen": 2.0},
+    "wkd_f": {"feat_weight": 0.005, "decay_epochs": (30, 100)},
+    "wkd": {"logit_weight": 25.0, "feat_weight": 0.005, "cost_sharpen": 2.0},
+}
 PAIR_KNOBS = {
+    **{m: {PAIRS[1]: {"distill": {m: knobs}}} for m, knobs in _WKD_R50_MV1.items()},
     # mdistiller configs/imagenet/r50_mv1/reviewkd.yaml: REVIEWKD_WEIGHT 8, MAX_MID_CHANNEL 256.
     "reviewkd": {PAIRS[1]: {"distill": {"reviewkd": {"feat_weight": 8.0, "max_mid_channel": 256}}}},
     "dkd": {pair: {"distill": {"dkd": {"beta": b}}} for pair, b in _DKD_BETA.items()},

@@ -7,6 +7,9 @@ JAX code. Gradients are checked against central differences of the float64 refer
 
 import functools
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +17,7 @@ import numpy as np
 import pytest
 
 from bkd_jax import losses
+from bkd_jax.losses import feature as feature_losses
 
 BATCH = 4
 
@@ -564,3 +568,56 @@ def test_mismatched_inputs_are_rejected(name):
     whatever operation would have failed later."""
     with pytest.raises(ValueError, match=rf"^{name.split()[0]}"):
         BAD_CALLS[name]()
+
+
+# --- KD-SVD on the CPU: no batched LAPACK call that could hang the step ----------------
+
+_KDSVD_STEPS = """
+import jax, jax.numpy as jnp
+from bkd_jax import losses
+keys = jax.random.split(jax.random.key(0), 4)
+shapes = [(8, 16, 16, 16), (8, 8, 8, 32)]
+fs = [jax.random.normal(k, s) for k, s in zip(keys[:2], shapes)]
+ft = [jax.random.normal(k, s) for k, s in zip(keys[2:], shapes)]
+step = jax.jit(jax.grad(lambda fs, ft: losses.kdsvd_loss(fs, ft, k=1)))
+for _ in range(50):
+    fs = [f - 0.01 * g for f, g in zip(fs, step(fs, ft))]
+jax.block_until_ready(fs)
+print("done")
+"""
+
+
+def test_kdsvd_step_takes_no_batched_svd_on_the_cpu():
+    """Every LAPACK SVD in the jitted step is on one matrix (`num_batch_dims = "0"`):
+    batched ones block XLA's pool threads and hung the step on 2-core hosts."""
+    fs, ft = (
+        _maps(60, [(8, 16, 16, 16), (8, 8, 8, 32)]),
+        _maps(62, [(8, 16, 16, 16), (8, 8, 8, 32)]),
+    )
+    step = jax.jit(jax.value_and_grad(lambda fs, ft: losses.kdsvd_loss(fs, ft, k=1)))
+    calls = [line for line in step.lower(fs, ft).as_text().splitlines() if "gesdd" in line]
+    assert len(calls) == 4  # student and teacher, two stages
+    assert all('num_batch_dims = "0"' in line for line in calls)
+
+
+def test_kdsvd_loop_svd_equals_batched_svd():
+    x = jnp.asarray(_normal(64, (6, 40, 12)))
+    for looped, batched in zip(
+        jax.jit(feature_losses._svd_one_by_one)(x), jnp.linalg.svd(x, full_matrices=False)
+    ):
+        np.testing.assert_allclose(looped, batched, rtol=1e-5, atol=1e-6)
+
+
+def test_kdsvd_jitted_steps_finish_in_a_subprocess():
+    """A fresh process runs 50 jitted steps (100 pairs of concurrent SVDs); a hang fails
+    by timeout. Takes 10 to 25 s on 2 cores, mostly compilation."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-c", _KDSVD_STEPS],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    )
+    assert done.stdout.strip() == "done"

@@ -45,18 +45,25 @@ def ref_standardize(z, eps=1e-7, ddof=1):
     return np.array(out)
 
 
-def np_pearson(a, b, axis):
-    """Pearson correlation of a and b along `axis`: cov(a, b) / (std(a) std(b))."""
+def np_pearson(a, b, axis, eps):
+    """The DIST authors' Pearson correlation along `axis`: (a.b) / (|a||b| + eps), centred.
+
+    eps = 0 gives the paper's cov(a, b) / (std(a) std(b)).
+    """
     a = a - a.mean(axis=axis, keepdims=True)
     b = b - b.mean(axis=axis, keepdims=True)
-    return np.sum(a * b, axis) / np.sqrt(np.sum(a * a, axis) * np.sum(b * b, axis))
+    return np.sum(a * b, axis) / (np.sqrt(np.sum(a * a, axis) * np.sum(b * b, axis)) + eps)
 
 
-def ref_dist(student, teacher, beta, gamma, tau):
-    """tau^2 (beta (1 - mean_i rho(Y_i., Z_i.)) + gamma (1 - mean_j rho(Y_.j, Z_.j)))."""
+def ref_dist(student, teacher, beta, gamma, tau, eps=1e-8):
+    """tau^2 (beta (1 - mean_i rho(Y_i., Z_i.)) + gamma (1 - mean_j rho(Y_.j, Z_.j))).
+
+    rho with the eps 1e-8 of the authors' `cosine_similarity` (hunto/DIST_KD,
+    classification/lib/models/losses/dist_kd.py), on the raw probabilities.
+    """
     y_s, y_t = np_softmax(np.float64(student) / tau), np_softmax(np.float64(teacher) / tau)
-    inter = 1 - np.mean(np_pearson(y_s, y_t, axis=1))  # each example's row
-    intra = 1 - np.mean(np_pearson(y_s, y_t, axis=0))  # each class's column
+    inter = 1 - np.mean(np_pearson(y_s, y_t, 1, eps))  # each example's row
+    intra = 1 - np.mean(np_pearson(y_s, y_t, 0, eps))  # each class's column
     return tau**2 * (beta * inter + gamma * intra)
 
 
@@ -151,9 +158,28 @@ def test_dist_matches_numpy(scale, tau, beta, gamma):
     np.testing.assert_allclose(out, ref, rtol=1e-6)
 
 
-def test_dist_is_zero_for_equal_logits():
+@pytest.mark.parametrize("scale", [8.0, 50.0])
+@pytest.mark.parametrize("tau", [1.0, 4.0])
+def test_dist_keeps_the_authors_eps_where_classes_are_nearly_zero(scale, tau):
+    """ImageNet-like batches: most class columns hold tiny probabilities at tau 1, where
+    the authors' eps on the raw probabilities changes the correlation."""
+    rng = np.random.default_rng(int(scale + tau))
+    student, teacher = (rng.normal(scale=scale, size=(32, 1000)).astype(np.float32) for _ in "st")
+    ref = ref_dist(student, teacher, 2.0, 2.0, tau)
+    out = losses.dist_loss(student, teacher, beta=2.0, gamma=2.0, temperature=tau)
+    np.testing.assert_allclose(out, ref, rtol=1e-6)
+    if tau == 1.0:  # the eps matters here: the paper's eps-free correlation differs
+        eps_free = ref_dist(student, teacher, 2.0, 2.0, tau, eps=0.0)
+        assert abs(eps_free - ref) > 1e-4 * ref
+
+
+def test_dist_of_equal_logits_is_only_the_eps_term():
+    """Equal logits correlate perfectly but for the eps: |a|^2 / (|a|^2 + eps) < 1."""
     logits = _logits(6)
-    assert abs(float(losses.dist_loss(logits, logits, beta=1, gamma=1, temperature=4.0))) < 1e-6
+    out = losses.dist_loss(logits, logits, beta=1, gamma=1, temperature=4.0)
+    ref = ref_dist(logits, logits, 1, 1, 4.0)
+    assert 0 < ref < 1e-4 and ref_dist(logits, logits, 1, 1, 4.0, eps=0.0) < 1e-12
+    np.testing.assert_allclose(out, ref, atol=1e-7)
 
 
 def test_dist_flattens_leading_axes():

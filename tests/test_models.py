@@ -125,3 +125,45 @@ def test_block_index_out_of_range():
     net = models.get_model("resnet8", 100)
     with pytest.raises(ValueError, match=r"block index 4 outside 1\.\.3"):
         net.apply_block({}, 4, jnp.zeros((1, 8, 8, 64)))
+
+
+def test_batch_norm_trains_as_torch_batchnorm2d():
+    """Outputs and running statistics after two training steps, then the eval output,
+    equal torch.nn.BatchNorm2d's (its running variance uses the unbiased batch variance)."""
+    torch = pytest.importorskip("torch")
+    from bkd_jax.models.layers import batch_norm
+
+    rng = np.random.default_rng(0)
+    batches = [rng.normal(2.0, 3.0, size=(4, 3, 5, 5)).astype(np.float32) for _ in range(3)]
+    reference = torch.nn.BatchNorm2d(3)
+    with torch.no_grad():
+        reference.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        reference.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+
+    def nhwc(x):
+        return jnp.asarray(x.transpose(0, 2, 3, 1))
+
+    variables = batch_norm(True).init(jax.random.key(0), nhwc(batches[0]))
+    params = {"scale": jnp.array([0.5, 1.0, 2.0]), "bias": jnp.array([0.1, -0.2, 0.3])}
+    stats = variables["batch_stats"]
+    for x in batches[:2]:
+        expected = reference.train()(torch.from_numpy(x)).detach().numpy()
+        out, updates = batch_norm(True).apply(
+            {"params": params, "batch_stats": stats}, nhwc(x), mutable=["batch_stats"]
+        )
+        stats = updates["batch_stats"]
+        np.testing.assert_allclose(out, expected.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(stats["mean"], reference.running_mean, rtol=1e-6)
+        np.testing.assert_allclose(stats["var"], reference.running_var, rtol=1e-6)
+    expected = reference.eval()(torch.from_numpy(batches[2])).detach().numpy()
+    out = batch_norm(False).apply({"params": params, "batch_stats": stats}, nhwc(batches[2]))
+    np.testing.assert_allclose(out, expected.transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_batch_norm_refuses_one_value_per_channel():
+    from bkd_jax.models.layers import batch_norm
+
+    x = jnp.ones((1, 1, 1, 3))
+    variables = batch_norm(True).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        batch_norm(True).apply(variables, x, mutable=["batch_stats"])

@@ -51,6 +51,7 @@ def build(config):
         "image": jax.random.normal(jax.random.key(0), (2, size, size, 3)),
         "label": jnp.array([0, classes - 1], jnp.int32),
         "index": jnp.array([0, 1], jnp.int32),
+        "image_strong": jax.random.normal(jax.random.key(1), (2, size, size, 3)),  # MLKD's
     }
     distiller = distillers.make_distiller(
         config.distill, student, teacher, batch["image"].shape, num_examples=NUM_EXAMPLES
@@ -97,9 +98,12 @@ def test_every_pair_traces_with_block_kd(name):
 
 def test_every_method_traces_on_an_imagenet_pair():
     for method in distillers.available():
-        _, metrics = train_step_shapes(
-            recipe("imagenet", config_module("imagenet").PAIRS[0], method)
-        )
+        config = recipe("imagenet", config_module("imagenet").PAIRS[0], method)
+        if method in ("wkd_f", "wkd"):  # 1x1 last maps at 32 pixels: no variance to match
+            with pytest.raises(ValueError, match="for 1x1 maps"):
+                train_step_shapes(config)
+            continue
+        _, metrics = train_step_shapes(config)
         assert np.dtype(metrics["loss"].dtype) == np.float32, method
 
 

@@ -16,9 +16,10 @@ from bkd_jax import config_defaults, distillers, losses, models, steps
 
 NUM_CLASSES = 10
 SHAPE = (16, 8, 8, 3)  # 16 of scikit-learn's 8x8 digits, grey repeated to 3 channels
-# FitNet's regressor ends in BatchNorm and ReLU, so only that BatchNorm's scale and shift
-# can reach the teacher's (unnormalised) channel statistics, 3e-3 a step with Adam.
-LEARNING_RATE = {"fitnet": 1e-2}
+# FitNet's regressor (and WKD-F's, the same ConvReg) ends in BatchNorm and ReLU, so only
+# that BatchNorm's scale and shift can reach the teacher's (unnormalised) channel
+# statistics, 3e-3 a step with Adam.
+LEARNING_RATE = {"fitnet": 1e-2, "wkd_f": 1e-2, "wkd": 1e-2}
 NEEDS_TRAINED_TEACHER = ("crd",)
 
 
@@ -38,6 +39,7 @@ def teacher_and_batch():
         "image": jnp.asarray(x),
         "label": jnp.asarray(digits.target[: SHAPE[0]], jnp.int32),
         "index": jnp.arange(SHAPE[0], dtype=jnp.int32),
+        "image_strong": jnp.asarray(x[:, :, ::-1] ** 2),  # MLKD's second view
     }
     return teacher, teacher.init(jax.random.key(2), batch["image"]), batch
 

@@ -200,7 +200,12 @@ def test_stones_of_vit_pairs_compose_and_take_gradients_exactly_below_each_cut(n
 def _one_step(name: str, method: str, **knobs):
     """One jitted train step of `method` on pair `name`: (state before, after, metrics)."""
     teacher, student, _, (tv, _, _), x = build_pair(name)
-    batch = {"image": x, "label": jnp.array([0, 9], jnp.int32), "index": jnp.arange(2)}
+    batch = {
+        "image": x,
+        "label": jnp.array([0, 9], jnp.int32),
+        "index": jnp.arange(2),
+        "image_strong": x[:, ::-1],  # MLKD's second view
+    }
     cfg = config_defaults.distill_config(method)
     cfg[method].update(knobs)
     distiller = distillers.make_distiller(cfg, student, teacher, x.shape, num_examples=4)

@@ -14,6 +14,8 @@ resolution, so the ImageNet models also run on 64-pixel test images.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from conftest import input_size
@@ -541,3 +543,89 @@ def build(name: str, seed: int) -> nn.Module:
     for m in norms:
         m.momentum = 0.1
     return model.eval()
+
+
+# --- mdistiller's distiller modules and losses (mdistiller/distillers/) ----------------
+# Written from FitNet.py with _common.py's ConvReg, VID.py and OFD.py; every module
+# trains with its student, as `get_learnable_parameters` lists it, except VID's
+# per-channel variances: mdistiller keeps them in a plain list, so its optimizer never
+# updates them.
+
+
+class HintRegressor(nn.Module):
+    """mdistiller's ConvReg for maps of equal or larger student size: a valid convolution
+    of kernel 1 + (student size - teacher size), BatchNorm, ReLU."""
+
+    def __init__(self, s_channels: int, t_channels: int, s_size: int, t_size: int):
+        super().__init__()
+        self.conv = nn.Conv2d(s_channels, t_channels, 1 + s_size - t_size)
+        self.bn = nn.BatchNorm2d(t_channels)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+def fitnet_feat_loss(regressor: HintRegressor, f_s, f_t):
+    return F.mse_loss(regressor(f_s), f_t)
+
+
+def vid_regressor(s_channels: int, t_channels: int) -> nn.Sequential:
+    """Three bias-free 1x1 convolutions with ReLUs between them."""
+    return nn.Sequential(
+        nn.Conv2d(s_channels, t_channels, 1, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(t_channels, t_channels, 1, bias=False),
+        nn.ReLU(),
+        nn.Conv2d(t_channels, t_channels, 1, bias=False),
+    )
+
+
+def vid_init_log_scale(channels: int, init_pred_var: float = 5.0, eps: float = 1e-5):
+    """alpha with softplus(alpha) + eps = init_pred_var, per channel."""
+    return torch.full((channels,), math.log(math.expm1(init_pred_var - eps)))
+
+
+def vid_feat_loss(regressor, log_scale, f_s, f_t, eps: float = 1e-5):
+    """Gaussian negative log-likelihood of f_t under N(regressor(f_s), softplus(alpha) + eps),
+    the larger map average-pooled to the smaller one's height first."""
+    s_h, t_h = f_s.shape[2], f_t.shape[2]
+    if s_h > t_h:
+        f_s = F.adaptive_avg_pool2d(f_s, (t_h, t_h))
+    elif s_h < t_h:
+        f_t = F.adaptive_avg_pool2d(f_t, (s_h, s_h))
+    mean = regressor(f_s)
+    var = (F.softplus(log_scale) + eps).view(1, -1, 1, 1)
+    return torch.mean(0.5 * ((mean - f_t) ** 2 / var + torch.log(var)))
+
+
+def ofd_connector(s_channels: int, t_channels: int) -> nn.Sequential:
+    """1x1 convolution (He normal with fan-out, no bias) and BatchNorm (1, 0)."""
+    conv = nn.Conv2d(s_channels, t_channels, 1, bias=False)
+    conv.weight.data.normal_(0.0, math.sqrt(2.0 / t_channels))
+    return nn.Sequential(conv, nn.BatchNorm2d(t_channels))
+
+
+def ofd_margins(bn: nn.BatchNorm2d) -> torch.Tensor:
+    """E[x | x < 0] of N(beta, gamma^2) per channel, -3|gamma| where P(x < 0) <= 0.001."""
+    out = []
+    for gamma, beta in zip(bn.weight.tolist(), bn.bias.tolist()):
+        s = abs(gamma)
+        below = 0.5 * math.erfc(beta / s / math.sqrt(2.0))
+        if below > 0.001:
+            out.append(
+                -s * math.exp(-((beta / s) ** 2) / 2) / math.sqrt(2 * math.pi) / below + beta
+            )
+        else:
+            out.append(-3 * s)
+    return torch.tensor(out).view(1, -1, 1, 1)
+
+
+def ofd_feat_loss(connected, f_t, margin):
+    """Partial L2 to the teacher's pre-ReLU map, summed over C, H, W, averaged over N."""
+    f_t = F.adaptive_avg_pool2d(f_t, connected.shape[-2:])
+    loss = (
+        (connected - margin) ** 2 * ((connected > margin) & (f_t <= margin)).float()
+        + (connected - f_t) ** 2 * ((connected > f_t) & (f_t > margin) & (f_t <= 0)).float()
+        + (connected - f_t) ** 2 * (f_t > 0).float()
+    )
+    return loss.abs().mean(dim=0).sum()

@@ -149,6 +149,7 @@ def make_distiller(
     return Distiller(
         method.name, student, recipe.objective, teacher, recipe.modules,
         float(knobs.get("warmup_epochs", 0)), recipe.taps or "taps" in method.consumes,
+        recipe.schedule,
     )  # fmt: skip
 
 
@@ -164,6 +165,7 @@ from bkd_jax.distillers import (  # noqa: E402
     fitnet,
     kd,
     kdsvd,
+    mlkd,
     nst,
     ofd,
     pkt,
@@ -171,13 +173,14 @@ from bkd_jax.distillers import (  # noqa: E402
     rkd,
     sp,
     vid,
+    wkd,
     wttm,
 )
 
 for _method in (
-    ce.METHOD, kd.METHOD, dkd.METHOD, dot.METHOD, dist.METHOD, wttm.METHOD,
+    ce.METHOD, kd.METHOD, dkd.METHOD, dot.METHOD, dist.METHOD, wttm.METHOD, mlkd.METHOD,
     fitnet.METHOD, at.METHOD, nst.METHOD, pkt.METHOD, kdsvd.METHOD, rkd.METHOD, sp.METHOD,
-    vid.METHOD, ofd.METHOD, crd.METHOD, reviewkd.METHOD,
+    vid.METHOD, ofd.METHOD, crd.METHOD, reviewkd.METHOD, wkd.METHOD_L, wkd.METHOD_F, wkd.METHOD,
     blockkd.BLOCKKD, blockkd.BLOCKKD_LITE,
 ):  # fmt: skip
     register(_method)

@@ -28,8 +28,10 @@ from bkd_jax import losses
 from bkd_jax.blocknet import BlockNet, Taps, Variables
 
 # Tensors a method may consume; `Method.consumes` documents which (taps: stem, block,
-# pre-activation outputs and pooled embeddings; index: each example's dataset index).
-TENSORS = ("logits", "blocks", "stones", "taps", "index")
+# pre-activation outputs and pooled embeddings; index: each example's dataset index;
+# strong_view: a second, strongly augmented view of each image, batch["image_strong"],
+# of the shape and dtype of batch["image"]).
+TENSORS = ("logits", "blocks", "stones", "taps", "index", "strong_view")
 
 
 class Forward(NamedTuple):
@@ -123,6 +125,8 @@ class Recipe(NamedTuple):
     objective: Objective
     modules: Modules | None = None
     taps: bool = False  # the forward pass collects feature taps (methods that consume them)
+    # r(t) other than the linear warm-up: `(step, steps_per_epoch) -> factor` (WKD's decay).
+    schedule: Callable[[jax.Array, int], jax.Array] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,6 +214,13 @@ class Distiller:
     modules: Modules | None = None
     warmup_epochs: float = 0.0
     taps: bool = False  # whether the forward pass collects feature taps
+    schedule: Callable[[jax.Array, int], jax.Array] | None = None  # Recipe.schedule
+
+    def weight_factor(self, step: jax.Array, steps_per_epoch: int) -> jax.Array:
+        """r(t) of the objective: the recipe's schedule, else the linear warm-up."""
+        if self.schedule is not None:
+            return self.schedule(step, steps_per_epoch)
+        return warmup_factor(step, steps_per_epoch, self.warmup_epochs)
 
     def init_modules(self, key: jax.Array) -> dict[str, Any]:
         """Variables of the method's extra trainable modules, or nothing."""

@@ -11,7 +11,11 @@ A student map larger than the teacher's is average-pooled to its size before the
 regressor, a smaller one is compared with the teacher's map pooled to its size
 (`bkd_jax.losses.vid_loss`). With unequal stage counts the first stages are paired, as
 mdistiller's `zip` when it builds the regressors (its loss indexes the teacher by the
-student's stages, which fails when the student has more).
+student's stages, which fails when the student has more). The variances alpha_i train
+with the regressors, as in RepDistiller's VIDLoss (github HobbitLong/RepDistiller,
+distiller_zoo/VID.py, an nn.Parameter of a trained criterion, "code from author");
+mdistiller keeps them in a plain list that its optimizer never sees, so they stay at
+`init_pred_var` there.
 """
 
 from __future__ import annotations

@@ -36,6 +36,15 @@ from bkd_jax.losses.logit import (
     standardize_logits,
     wttm_loss,
 )
+from bkd_jax.losses.mlkd import MLKD_FIXED_TEMPERATURES, mlkd_loss
+from bkd_jax.losses.wkd import (
+    WKD_SINKHORN_ITERS,
+    WKD_SINKHORN_LAMBDA,
+    sinkhorn_transport_cost,
+    wkd_cost_from_prototypes,
+    wkd_feature_loss,
+    wkd_logit_loss,
+)
 
 __all__ = [
     "CRD_FEAT_DIM",
@@ -43,8 +52,11 @@ __all__ = [
     "CRD_NCE_MOMENTUM",
     "CRD_NCE_TEMPERATURE",
     "DISTANCES",
+    "MLKD_FIXED_TEMPERATURES",
     "VID_EPS",
     "VID_INIT_PRED_VAR",
+    "WKD_SINKHORN_ITERS",
+    "WKD_SINKHORN_LAMBDA",
     "at_loss",
     "blockkd_loss",
     "crd_init_memory",
@@ -59,15 +71,20 @@ __all__ = [
     "hcl_loss",
     "kd_loss",
     "kdsvd_loss",
+    "mlkd_loss",
     "nst_loss",
     "ofd_loss",
     "ofd_margin",
     "pkt_loss",
     "register_distance",
     "rkd_loss",
+    "sinkhorn_transport_cost",
     "sp_loss",
     "standardize_logits",
     "vid_init_log_scale",
     "vid_loss",
+    "wkd_cost_from_prototypes",
+    "wkd_feature_loss",
+    "wkd_logit_loss",
     "wttm_loss",
 ]

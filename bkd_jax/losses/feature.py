@@ -258,11 +258,32 @@ def pkt_loss(student_emb: jax.Array, teacher_emb: jax.Array, eps: float = 1e-7) 
     return jnp.mean(q * jnp.log((q + eps) / (p + eps)))
 
 
+def _svd_one_by_one(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """SVDs of a batch of matrices, one LAPACK call per matrix (a loop), for the CPU.
+
+    jaxlib's CPU LAPACK kernels split a batch into chunks on XLA's intra-op thread pool and
+    block the calling pool thread until the chunks finish (`ParallelBatchMap`). The step
+    runs independent SVDs concurrently (student and teacher), each blocking a pool thread;
+    on a 2-core host both threads then wait for chunks that no free thread can run, and the
+    step hangs. A call on one matrix runs inline, so the loop never waits on the pool.
+    """
+    return jax.lax.map(lambda m: jnp.linalg.svd(m, full_matrices=False), x)
+
+
+def _batched_svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """SVDs of (N, M, W) matrices: batched on accelerators, one by one on the CPU."""
+    return jax.lax.platform_dependent(
+        x,
+        cpu=_svd_one_by_one,
+        default=lambda x: jnp.linalg.svd(x, full_matrices=False),
+    )
+
+
 def _kdsvd_vectors(f: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
     """Top-n normalised singular values (N, n) and right singular vectors (N, W, n)."""
     b, h, w, c = f.shape
     x = jnp.transpose(f, (0, 3, 1, 2)).reshape(b, c * h, w)
-    _, s, vh = jnp.linalg.svd(x, full_matrices=False)
+    _, s, vh = _batched_svd(x)
     s, v = _finite_or_zero(s), _finite_or_zero(jnp.swapaxes(vh, 1, 2))
     return _l2_normalize(s[:, :n], axis=1), _l2_normalize(v[:, :, :n], axis=1)
 

@@ -205,22 +205,41 @@ def standardize_logits(logits: jax.Array, *, eps: float = 1e-7, ddof: int = 1) -
     return centred / (eps + _safe_sqrt(variance))
 
 
-def _rescaled_probs(log_p: jax.Array, axis: int) -> jax.Array:
-    """exp(log_p) divided by its maximum along `axis`.
+def _rescaled_probs(log_p: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+    """exp(log_p) divided by its maximum along `axis`, and the log of that maximum.
 
-    A positive factor per vector leaves its correlations unchanged, and with the largest
-    entry at 1 a class whose probabilities are all tiny (large logits) keeps its relative
-    values instead of underflowing to 0 in float32.
+    With the largest entry at 1 a class whose probabilities are all tiny (large logits)
+    keeps its relative values instead of underflowing to 0 in float32. The maximum is a
+    constant to autodiff: exp(log_p) = exp(log_max) * rescaled holds exactly, so a
+    function of (rescaled, log_max) has the gradient of the same function of exp(log_p).
     """
-    return jnp.exp(log_p - jax.lax.stop_gradient(jnp.max(log_p, axis=axis, keepdims=True)))
+    log_max = jax.lax.stop_gradient(jnp.max(log_p, axis=axis, keepdims=True))
+    return jnp.exp(log_p - log_max), jnp.squeeze(log_max, axis)
 
 
-def _mean_correlation(x: jax.Array, y: jax.Array, axis: int) -> jax.Array:
-    """Pearson correlation of `x` and `y` along `axis`, averaged over the other axis."""
+# exp(80) ~ 5.5e34: the largest rescaled eps kept finite (float32 overflows past ~88); a
+# correlation whose eps term reaches it is below 1e-30 and counts as 0 either way.
+_MAX_LOG_EPS_SCALE = 80.0
+
+
+def _mean_correlation(log_p: jax.Array, log_q: jax.Array, axis: int) -> jax.Array:
+    """The authors' Pearson correlation of exp(log_p) and exp(log_q) along `axis`, averaged.
+
+    DIST's `cosine_similarity` of the centred probabilities a and b: (a.b) / (|a||b| + eps),
+    eps = 1e-8 on the raw probabilities. Computed on rescaled vectors a = s_a a', b = s_b b'
+    (`_rescaled_probs`, s the maximum probability) it reads (a'.b') / (|a'||b'| + eps /
+    (s_a s_b)): the same value, eps carried through the rescaling, so it is exactly the
+    authors' correlation also where a column's probabilities are all tiny (there the eps
+    dominates and pulls the correlation towards 0, as in their code).
+    """
+    x, log_sx = _rescaled_probs(log_p, axis)
+    y, log_sy = _rescaled_probs(log_q, axis)
     xc = x - jnp.mean(x, axis=axis, keepdims=True)
     yc = y - jnp.mean(y, axis=axis, keepdims=True)
     norms = _safe_sqrt(jnp.sum(xc**2, axis=axis)) * _safe_sqrt(jnp.sum(yc**2, axis=axis))
-    return jnp.mean(jnp.sum(xc * yc, axis=axis) / (norms + _CORRELATION_EPS))
+    log_eps = jnp.log(_CORRELATION_EPS) - log_sx - log_sy
+    eps = jnp.exp(jnp.minimum(log_eps, _MAX_LOG_EPS_SCALE))
+    return jnp.mean(jnp.sum(xc * yc, axis=axis) / (norms + eps))
 
 
 def dist_loss(
@@ -238,9 +257,11 @@ def dist_loss(
     the teacher's rows, the intra-class loss 1 - the mean over classes of the correlation
     between their columns (Huang et al., NeurIPS 2022). Leading axes are flattened into
     one example axis, which the intra-class term correlates across, so the value depends
-    on the whole batch. Probabilities are rescaled per row or column before correlating
-    (see `_rescaled_probs`), which leaves the correlations unchanged; the authors'
-    eps = 1e-8 thus guards the rescaled norms rather than the raw ones.
+    on the whole batch. The correlation is the authors' `(a.b) / (|a||b| + eps)`, eps = 1e-8
+    on the raw centred probabilities: where a class column is nearly zero across the batch
+    (most of ImageNet's 1,000 classes at tau 1) the eps pulls its correlation towards 0,
+    and the published numbers include that. Computed on rescaled probabilities with the
+    eps rescaled alike (see `_mean_correlation`), so nothing underflows in float32.
 
     First author's code, his classification framework as vendored in github
     hunto/LocalMamba, classification/lib/models/losses/: dist_kd.py takes
@@ -272,8 +293,8 @@ def dist_loss(
             "dist_loss: the intra-class relation needs at least 2 examples, got logits of "
             f"shape {student_logits.shape}."
         )
-    inter = 1.0 - _mean_correlation(_rescaled_probs(log_s, -1), _rescaled_probs(log_t, -1), -1)
-    intra = 1.0 - _mean_correlation(_rescaled_probs(log_s, 0), _rescaled_probs(log_t, 0), 0)
+    inter = 1.0 - _mean_correlation(log_s, log_t, -1)
+    intra = 1.0 - _mean_correlation(log_s, log_t, 0)
     return temperature**2 * (beta * inter + gamma * intra)
 
 

@@ -388,11 +388,7 @@ def _train(
 
     Appends every evaluation to `extra["history"]`; each checkpoint carries `extra`.
     """
-    warmup = functools.partial(
-        distillers.warmup_factor,
-        steps_per_epoch=setup.steps_per_epoch,
-        warmup_epochs=setup.distiller.warmup_epochs,
-    )
+    warmup = functools.partial(setup.distiller.weight_factor, steps_per_epoch=setup.steps_per_epoch)
     train_step = jit_train_step(
         setup.distiller, setup.optimizer, warmup, setup.mesh, config.on_nonfinite
     )
