@@ -421,3 +421,50 @@ def test_bad_npz_files_are_one_line_errors(tmp_path, stored, message):
     write_npz(tmp_path, "test", **stored)
     with pytest.raises(ValueError, match=message):
         inputs.make_loader(config("npz", data_dir=str(tmp_path), num_classes=3), MESH)
+
+
+# ---------------------------------------------------------------------------------------
+# MLKD's strong view.
+
+
+def test_strong_view_is_a_separately_drawn_crop_then_randaugment(monkeypatch):
+    ds_config = config("digits", augment="crop_flip", max_train_examples=32)
+    ds_config.strong_view = "randaugment"
+    loader = inputs.DeviceLoader(ds_config, MESH)
+    batch = take(loader.train_batches(32, seed=0, start_step=0), 1)[0]
+    again = take(loader.train_batches(32, seed=0, start_step=0), 1)[0]
+    assert batch["image_strong"].shape == batch["image"].shape == (32, 8, 8, 3)
+    np.testing.assert_array_equal(batch["image_strong"], again["image_strong"])
+    assert not np.allclose(batch["image_strong"], batch["image"])
+    # Without RandAugment the strong view is a pad-crop-flip of its own: the same pixels
+    # as some weak views, drawn apart from them.
+    monkeypatch.setattr(device_augment.randaugment, "randaugment", lambda images, keys: images)
+    loader = inputs.DeviceLoader(ds_config, MESH)
+    plain = take(loader.train_batches(32, seed=0, start_step=0), 1)[0]
+    np.testing.assert_array_equal(plain["image"], batch["image"])
+    mean, std = np.array(ds_config.mean), np.array(ds_config.std)
+    digits = arrays.DigitsSource().load("train", 32).images[plain["index"]] / 16
+    for strong, original in zip(plain["image_strong"], digits, strict=True):
+        padded = (np.pad(original, ((4, 4), (4, 4), (0, 0))) - mean) / std
+        crops = [padded[t : t + 8, u : u + 8] for t in range(9) for u in range(9)]
+        crops += [crop[:, ::-1] for crop in crops]
+        assert any(np.allclose(strong, crop, atol=1e-5) for crop in crops)
+    assert any(not np.array_equal(s, w) for s, w in zip(plain["image_strong"], plain["image"]))
+
+
+def test_a_method_with_two_views_needs_the_strong_view():
+    from bkd_jax.config_defaults import base_config
+    from bkd_jax.training import validation
+
+    config = base_config("digits", teacher="resnet8", student="resnet8", method="mlkd")
+    config.teacher_checkpoint = "/teacher"
+    with pytest.raises(ValueError, match=r"mlkd' trains on two views .*strong_view='randaugment'"):
+        validation.validate_config(config)
+    config.dataset.strong_view = "randaugment"
+    validation.validate_config(config)
+
+
+def test_strong_view_on_the_host_loader_is_an_error():
+    pytest.importorskip("bkd_jax.data.pipeline", reason="the host loader needs TensorFlow")
+    with pytest.raises(ValueError, match="strong_view runs on the device loader only"):
+        inputs.make_loader(config("digits", loader="host", strong_view="randaugment"), MESH)

@@ -26,6 +26,12 @@ Config (`config.dataset`; `default_dataset_config(name)` fills in the defaults):
   cutout: side of the square zeroed at a random centre of every normalised training
     image (DeVries & Taylor 2017, github uoguelph-mlrg/Cutout: 16 for CIFAR-10, 8 for
     CIFAR-100), after the other augmentation; 0 turns it off. Device loader only. Default 0.
+  strong_view: one of `STRONG_VIEWS`, a second view of every training image for methods
+    that use two (MLKD), as ``batch["image_strong"]``. "randaugment": MLKD's strong view
+    (github Jin-Ying/Multi-Level-Logit-Distillation, mdistiller/dataset/cifar100.py): a
+    pad-crop-flip drawn apart from the weak view's, then RandAugment(2, 10) and Cutout
+    (`bkd_jax.data.randaugment`), normalised as the weak view. Device loader only.
+    Default "none".
   train_split, eval_split: whole split names. Default "train" / "test"
     ("train" / "validation" for imagenet2012).
   image_size: side of the square output images. Default 32 (CIFAR), 224 (imagenet2012,
@@ -70,6 +76,7 @@ DATASETS = ("cifar100", "cifar10", "imagenet2012", "image_folder", "digits", "np
 AUGMENTATIONS = ("none", "crop_flip", "inception")
 BAD_FILES = ("fail", "skip")
 LOADERS = ("auto", "device", "host")
+STRONG_VIEWS = ("none", "randaugment")
 
 _CIFAR = {"image_size": 32, "augment": "crop_flip"}
 _IMAGENET_STATS = {"mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
@@ -123,6 +130,7 @@ def default_dataset_config(name: str) -> ml_collections.ConfigDict:
             "loader": "auto",
             "device_memory_share": 0.25,
             "cutout": 0,
+            "strong_view": "none",
             **_DEFAULTS[name],
         }
     )

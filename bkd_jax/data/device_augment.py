@@ -10,6 +10,7 @@ enough that a library (dm-pix) would add a dependency without removing code:
   cutout: DeVries & Taylor 2017 (github uoguelph-mlrg/Cutout, util/cutout.py): a square
     of side `size`, centred at a uniformly drawn pixel and clipped at the borders, zeroed
     in the normalised image.
+  strong_images: MLKD's strong view, a crop_flip of its own then `randaugment`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+
+from bkd_jax.data import randaugment
 
 CROP_PADDING = 4  # torchvision RandomCrop(32, padding=4), mdistiller's CIFAR transform.
 
@@ -82,3 +85,22 @@ def train_images(
     if cutout_size:
         images = jax.vmap(lambda x, k: cutout(x, k, cutout_size))(images, cutout_keys)
     return images
+
+
+def strong_images(
+    images: jax.Array,
+    keys: jax.Array,
+    *,
+    white: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> jax.Array:
+    """MLKD's strong view of a uint8 batch: pad-crop-flip drawn apart from the weak view's
+    (its keys are `keys` folded with 1), RandAugment(2, 10) and Cutout on the 0..255
+    scale, then normalised as the weak view."""
+    crop_keys, augment_keys = jax.vmap(
+        lambda key: jax.random.split(jax.random.fold_in(key, 1)), out_axes=1
+    )(keys)
+    cropped = jax.vmap(crop_flip)(images, crop_keys)
+    pixels = randaugment.randaugment(cropped.astype(jnp.float32) * (255 / white), augment_keys)
+    return normalise(pixels, 255, mean, std)

@@ -64,6 +64,7 @@ def make_loader(ds_config: ml_collections.ConfigDict, mesh: Mesh) -> Loader:
     datasets.check_choice("dataset", ds_config.name, datasets.DATASETS)
     datasets.check_choice("loader", ds_config.loader, datasets.LOADERS)
     datasets.check_choice("augmentation", ds_config.augment, datasets.AUGMENTATIONS)
+    datasets.check_choice("strong view", ds_config.strong_view, datasets.STRONG_VIEWS)
     reason = None
     if ds_config.loader != "host":
         try:
@@ -248,9 +249,10 @@ def _train_batch(
     """The augmented training batch of the examples `where["index"]`."""
     indices = where["index"]
     keys = device_augment.example_keys(seed, where["epoch"], indices)
-    return {
+    pixels = take(images, indices)
+    batch = {
         "image": device_augment.train_images(
-            take(images, indices),
+            pixels,
             keys,
             augment=config.augment,
             cutout_size=config.cutout,
@@ -261,6 +263,11 @@ def _train_batch(
         "label": labels[indices],
         "index": indices,
     }
+    if config.strong_view == "randaugment":
+        batch["image_strong"] = device_augment.strong_images(
+            pixels, keys, white=white, mean=config.mean, std=config.std
+        )
+    return batch
 
 
 def _eval_batch(
@@ -304,6 +311,11 @@ class HostLoader:
             ) from None
         if ds_config.cutout:
             raise ValueError("dataset.cutout runs on the device loader only; set it to 0")
+        if ds_config.strong_view != "none":
+            raise ValueError(
+                "dataset.strong_view runs on the device loader only; this data set needs the "
+                f"host loader ({reason or 'dataset.loader is host'})"
+            )
         self._pipeline = pipeline
         self._config = ds_config
         self._mesh = mesh

@@ -35,6 +35,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "config.teacher_checkpoint to the workdir of a method=ce run or to a directory "
             "written by `python -m bkd_jax.convert`"
         )
+    if "strong_view" in method.consumes and config.dataset.strong_view == "none":
+        raise ValueError(
+            f"method {method.name!r} trains on two views of every image: set "
+            "config.dataset.strong_view='randaugment'"
+        )
     for field in ("global_batch_size", "eval_batch_size", "log_every_steps"):
         if config[field] < 1:
             raise ValueError(f"config.{field} must be positive, got {config[field]}")
