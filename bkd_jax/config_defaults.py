@@ -69,6 +69,8 @@ def base_config(dataset: str, *, teacher: str, student: str, method: str):
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.dataset = datasets.default_dataset_config(dataset)
+    if "strong_view" in distillers.get(method).consumes:  # MLKD's weak and strong views
+        config.dataset.strong_view = "randaugment"
     config.teacher = teacher
     config.student = student
     # A checkpoint written by this trainer (a workdir of a `method=ce` run) or by

@@ -19,7 +19,8 @@ pairs of mdistiller's CIFAR-100 tables; every one has its recipe here:
   learning rate and length per pair (`_MLKD_SOLVER`, 240 to 960 epochs; with
   standardize=1 those of the logit-standardisation authors, `_MLKD_STANDARDIZED_SOLVER`);
   MLKD trains on a weak and a strong view of every image (`dataset.strong_view =
-  "randaugment"`, which the device-memory loader builds: CIFAR-100 prepared as ArrayRecord).
+  "randaugment"`, set by `base_config` for it; the device-memory loader builds it, so
+  CIFAR-100 must be prepared as ArrayRecord).
 
 Launch (a teacher first, then a student distilled from it; `python -m bkd_jax.sweep` runs
 whole grids in this order):
@@ -168,8 +169,6 @@ def get_config(arg: str | None = None):
         config.optim.learning_rate = 0.01
     pair = (args["teacher"], args["student"])
     override(config, PAIR_KNOBS.get(args["method"], {}).get(pair, {}))
-    if args["method"] == "mlkd":  # its weak and strong views (mdistiller/dataset/cifar100.py)
-        config.dataset.strong_view = "randaugment"
     if standardize:
         knobs = config.distill[args["method"]]
         if "standardize" not in knobs:

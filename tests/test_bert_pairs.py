@@ -84,7 +84,11 @@ def test_connectors_are_dense_and_layer_norm_per_token_or_the_identity():
     assert same is h
 
 
-LOGIT_METHODS = [m for m in distillers.available() if "taps" not in distillers.get(m).consumes]
+LOGIT_METHODS = [
+    m
+    for m in distillers.available()
+    if not {"taps", "strong_view"} & set(distillers.get(m).consumes)
+]
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +135,8 @@ def test_methods_that_read_feature_maps_refuse_text_pairs(text_pair):
     for method in ("fitnet", "at", "crd", "reviewkd"):
         with pytest.raises(ValueError, match=f"method '{method}' reads feature maps"):
             distillers.make_distiller({"method": method}, student, teacher, shape)
+    with pytest.raises(ValueError, match="'mlkd' trains on a RandAugment view of every image"):
+        distillers.make_distiller({"method": "mlkd"}, student, teacher, shape)
     cfg = config_defaults.distill_config("blockkd")
     cfg.blockkd.feature_method = "at"
     with pytest.raises(ValueError, match="text networks \\(bert, bert\\)"):

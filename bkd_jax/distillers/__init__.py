@@ -106,8 +106,14 @@ def method_knobs(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def _check_text_pair(
     method: Method, knobs: Mapping[str, Any], student: BlockNet, teacher: BlockNet | None
 ) -> None:
-    """Refuses, in words, methods that read feature maps when a network is a text network."""
+    """Refuses, in words, methods that read feature maps or an image's second, strongly
+    augmented view (MLKD's RandAugment) when a network is a text network."""
     text = [net.name for net in (student, teacher) if isinstance(net, TextBlockNet)]
+    if text and "strong_view" in method.consumes:
+        raise ValueError(
+            f"method {method.name!r} trains on a RandAugment view of every image, which text "
+            f"networks ({', '.join(text)}) have no counterpart of"
+        )
     feature = "taps" in method.consumes or knobs.get("feature_method")
     if text and feature:
         raise ValueError(
