@@ -7,7 +7,7 @@ pass, and slowest on 1x1 and depthwise kernels: there it runs at a few GFLOP/s
 with such a kernel is a `jax.custom_vjp` whose forward and input gradient are XLA's own
 and whose weight gradient is computed tap by tap: for each kernel position, the input
 window it sees contracted with the output gradient, a matrix product for 1x1 kernels
-(grouped or not) and a fused multiply-reduce for depthwise ones. The parameters and the
+(grouped or not) and a per-channel product for depthwise ones. The parameters and the
 numbers are those of `lax.conv_general_dilated` to float32 rounding.
 
 Other kernels (3x3 and 7x7 with full or grouped channels) keep XLA's passes on every
@@ -167,8 +167,16 @@ def _weight_grad_by_taps(
                 ),
                 (1, *strides, 1),
             )
-            if depthwise:  # an elementwise product, which XLA fuses with its sum
-                taps.append(jnp.sum(window.astype(jnp.float32) * out_grad, axis=(0, 1, 2)))
+            if depthwise:  # one product per channel
+                taps.append(
+                    jnp.einsum(
+                        "nhwc,nhwc->c",
+                        window,
+                        out_grad,
+                        precision=precision,
+                        preferred_element_type=jnp.float32,
+                    )
+                )
                 continue
             window = window.reshape(batch, out_h, out_w, groups, group_in)
             taps.append(
