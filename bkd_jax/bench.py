@@ -22,13 +22,15 @@ trainer runs it; on a CPU-only host the bench first asks XLA for one CPU device 
 (`--cpu_devices`). CPU time is the
 steadier measure on a shared CPU host; on an accelerator the wall time is the one that
 counts. `--ablate` adds rows with one option flipped (`batch_stones`, `remat`, `dtype`,
-`donate`, `devices`: one device instead of all) to show what each buys. Variants are timed
+`donate`, `devices`: one device instead of all, `cpu_conv`: XLA's own weight gradients
+instead of the batch-chunked ones on CPU) to show what each buys. Variants are timed
 interleaved, a few steps each per round, so that load from other processes hits them
 alike. Batches are random: no data is read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -46,10 +48,11 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from bkd_jax import config_defaults, distillers, mfu, models, optim, steps
+from bkd_jax.models import cpu_conv
 from bkd_jax.training import sharding
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ABLATIONS = ("batch_stones", "remat", "dtype", "donate", "devices")
+ABLATIONS = ("batch_stones", "remat", "dtype", "donate", "devices", "cpu_conv")
 STONE_OPTIONS = ("batch_stones", "remat")  # options that only change Block-KD methods
 RATIOS = (("blockkd", "kd"), ("blockkd_lite", "kd"), ("blockkd_lite", "blockkd"))
 MARGINS = (("kd", "ce"), ("blockkd", "kd"), ("blockkd_lite", "kd"), ("blockkd", "blockkd_lite"))
@@ -103,6 +106,7 @@ class Variant:
     batch_stones: bool = True
     donate: bool = True
     devices: int = 0  # devices of the data mesh; 0 = all
+    cpu_conv: bool = True  # the zoo's chunked weight gradient on CPU (models.cpu_conv)
     torch: bool = False  # the PyTorch reference step (bkd_jax.bench_torch) instead
     batch_size: int = 64  # its own table column, not part of the label
 
@@ -238,12 +242,13 @@ class Bench:
         init = functools.partial(steps.create_train_state, distiller, optimizer)
         state = jax.jit(init, out_shardings=repl)(jax.random.key(1), batch["image"])
         step = steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(1.0))
-        lowered = jax.jit(
-            step,
-            in_shardings=(repl, repl, split),
-            out_shardings=(repl, repl),
-            donate_argnums=0 if v.donate else (),
-        ).lower(state, teacher_vars, batch)
+        with contextlib.nullcontext() if v.cpu_conv else cpu_conv.xla_convolutions():
+            lowered = jax.jit(
+                step,
+                in_shardings=(repl, repl, split),
+                out_shardings=(repl, repl),
+                donate_argnums=0 if v.donate else (),
+            ).lower(state, teacher_vars, batch)
         return lowered, state, teacher_vars, batch
 
     def compile(self, v: Variant) -> tuple[Callable[[], Any], Result]:

@@ -27,10 +27,11 @@ def fake_result(method: str, wall: float, flops: float, **options) -> bench.Resu
 
 def test_variants_labels_ratios_and_table():
     base = bench.Variant("kd")
-    got = bench.variants(base, ["kd", "blockkd"], ["remat", "dtype", "devices"], ["kd"])
+    ablate = ["remat", "dtype", "devices", "cpu_conv"]
+    got = bench.variants(base, ["kd", "blockkd"], ablate, ["kd"])
     assert [v.label(base) for v in got] == [
         "kd", "blockkd", "blockkd +remat", "kd bfloat16", "blockkd bfloat16",
-        "kd 1 device", "blockkd 1 device", "kd torch",
+        "kd 1 device", "blockkd 1 device", "kd -cpu_conv", "blockkd -cpu_conv", "kd torch",
     ]  # fmt: skip
     results = [
         fake_result("kd", 1.0, 100e9),

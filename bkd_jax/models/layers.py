@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from bkd_jax.blocknet import POOLED, tap
+from bkd_jax.models import cpu_conv
 
 # He initialisation with fan-out, as torchvision and mdistiller initialise convolutions.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -29,7 +30,8 @@ def conv(
     dtype: jnp.dtype = jnp.float32,
     name: str | None = None,
 ) -> nn.Conv:
-    """A square convolution with PyTorch's padding (default `kernel // 2`)."""
+    """A square convolution with PyTorch's padding (default `kernel // 2`), its weight
+    gradient batch-chunked on a CPU backend (`cpu_conv`)."""
     pad = kernel // 2 if padding is None else padding
     return nn.Conv(
         features,
@@ -40,6 +42,7 @@ def conv(
         use_bias=bias,
         dtype=dtype,
         kernel_init=conv_init,
+        conv_general_dilated=cpu_conv.conv_general_dilated,
         name=name,
     )
 
