@@ -1,4 +1,4 @@
-"""Shared test helpers: zoo input sizes and the optional real-data files.
+"""Shared test helpers: zoo input sizes, image folders and the optional real-data files.
 
 Most of the suite's time is XLA compiling the same small programs again: model inits,
 the same train step in each process a test starts. So before JAX is imported, the run
@@ -24,6 +24,8 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import PIL.Image
 import pytest
 
 from bkd_jax import models
@@ -39,6 +41,16 @@ def input_size(model_name: str) -> int:
 # Zoo models whose blocks output feature maps; token models (ViT) have tests of their own
 # (test_vit.py), at sizes small enough for CPUs.
 MAP_MODELS = [name for name in models.available() if not models.get_model(name, 1).prefix_tokens]
+
+
+def write_images(root: pathlib.Path, images: dict[str, dict[str, list[np.ndarray]]]) -> str:
+    """Writes {split: {class: [uint8 HxWx3]}} as root/split/class/NN.png."""
+    for split, classes in images.items():
+        for name, arrays in classes.items():
+            (root / split / name).mkdir(parents=True)
+            for i, array in enumerate(arrays):
+                PIL.Image.fromarray(array).save(root / split / name / f"{i:02d}.png")
+    return str(root)
 
 
 def images(batch: int, size: int, seed: int = 0) -> jax.Array:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
+from conftest import write_images
 
 import bkd_jax.data
 from bkd_jax.data import arrays, datasets, device_augment
@@ -33,19 +34,9 @@ def config(name: str, **overrides):
     return ds_config
 
 
-def write_folder(root: pathlib.Path, images: dict[str, dict[str, list[np.ndarray]]]) -> str:
-    """Writes {split: {class: [uint8 HxWx3]}} as root/split/class/NN.png."""
-    for split, classes in images.items():
-        for name, pixels in classes.items():
-            (root / split / name).mkdir(parents=True)
-            for i, array in enumerate(pixels):
-                PIL.Image.fromarray(array).save(root / split / name / f"{i:02d}.png")
-    return str(root)
-
-
 def random_folder(root: pathlib.Path, per_class: int = 6, size: int = 8) -> str:
     rng = np.random.default_rng(0)
-    return write_folder(
+    return write_images(
         root,
         {
             split: {
@@ -378,7 +369,7 @@ def test_corrupt_image_is_named(tmp_path):
 def test_class_missing_from_a_split_is_named(tmp_path):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (8, 8, 3), np.uint8)
-    root = write_folder(tmp_path, {"train": {"a": [image], "b": [image]}, "test": {"a": [image]}})
+    root = write_images(tmp_path, {"train": {"a": [image], "b": [image]}, "test": {"a": [image]}})
     with pytest.raises(ValueError, match=r"test lacks 1 class folders that other splits have: b;"):
         inputs.make_loader(
             config("image_folder", data_dir=root, image_size=8, augment="none"), MESH

@@ -18,6 +18,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import tensorflow_datasets as tfds
+from conftest import write_images
 
 from bkd_jax.data import datasets, pipeline
 
@@ -47,16 +48,6 @@ def assert_same_batches(a, b) -> None:
 
 def normalise(pixels: np.ndarray, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> np.ndarray:
     return (pixels.astype(np.float32) / 255 - mean) / std
-
-
-def write_images(root: pathlib.Path, images: dict[str, dict[str, list[np.ndarray]]]) -> str:
-    """Writes {split: {class: [uint8 HxWx3]}} as root/split/class/NN.png."""
-    for split, classes in images.items():
-        for name, arrays in classes.items():
-            (root / split / name).mkdir(parents=True)
-            for i, array in enumerate(arrays):
-                PIL.Image.fromarray(array).save(root / split / name / f"{i:02d}.png")
-    return str(root)
 
 
 def constant_image(value: int, shape=(32, 32, 3)) -> np.ndarray:
