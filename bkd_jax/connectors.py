@@ -85,6 +85,23 @@ def default_grouping(num_student_blocks: int, num_teacher_blocks: int) -> Groupi
     return cuts(num_student_blocks), cuts(num_teacher_blocks)
 
 
+def _resolve_grouping(
+    student: BlockNet, teacher: BlockNet, grouping: Grouping | None
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(student cuts, teacher cuts): `grouping`, or the default, checked against both nets."""
+    if grouping is None:
+        grouping = default_grouping(student.num_blocks, teacher.num_blocks)
+    student_cuts, teacher_cuts = (tuple(int(c) for c in cuts) for cuts in grouping)
+    if len(student_cuts) != len(teacher_cuts):
+        raise ValueError(
+            f"grouping has {len(student_cuts)} student cuts but {len(teacher_cuts)} teacher "
+            "cuts; both networks must be cut into the same number of blocks"
+        )
+    _check_cuts(student_cuts, student, "student")
+    _check_cuts(teacher_cuts, teacher, "teacher")
+    return student_cuts, teacher_cuts
+
+
 def _check_cuts(cuts: Sequence[int], net: BlockNet, role: str) -> None:
     ok = (
         all(1 <= c <= net.num_blocks for c in cuts)
@@ -305,16 +322,7 @@ def make_connectors(
         raise ValueError(f"upsampling must be one of {UPSAMPLING}, got {upsampling!r}")
     if connector not in CONNECTORS:
         raise ValueError(f"connector must be one of {CONNECTORS}, got {connector!r}")
-    if grouping is None:
-        grouping = default_grouping(student.num_blocks, teacher.num_blocks)
-    student_cuts, teacher_cuts = (tuple(int(c) for c in cuts) for cuts in grouping)
-    if len(student_cuts) != len(teacher_cuts):
-        raise ValueError(
-            f"grouping has {len(student_cuts)} student cuts but {len(teacher_cuts)} teacher "
-            "cuts; both networks must be cut into the same number of blocks"
-        )
-    _check_cuts(student_cuts, student, "student")
-    _check_cuts(teacher_cuts, teacher, "teacher")
+    student_cuts, teacher_cuts = _resolve_grouping(student, teacher, grouping)
     s_shapes = block_output_shapes(student, input_shape)
     t_shapes = block_output_shapes(teacher, input_shape)
     in_shapes, modules, kinds, misfits = [], [], [], []
@@ -398,16 +406,7 @@ def make_text_connectors(
             f"cannot connect {student.name} to {teacher.name}: text networks connect only to "
             "text networks"
         )
-    if grouping is None:
-        grouping = default_grouping(student.num_blocks, teacher.num_blocks)
-    student_cuts, teacher_cuts = (tuple(int(c) for c in cuts) for cuts in grouping)
-    if len(student_cuts) != len(teacher_cuts):
-        raise ValueError(
-            f"grouping has {len(student_cuts)} student cuts but {len(teacher_cuts)} teacher "
-            "cuts; both networks must be cut into the same number of blocks"
-        )
-    _check_cuts(student_cuts, student, "student")
-    _check_cuts(teacher_cuts, teacher, "teacher")
+    student_cuts, teacher_cuts = _resolve_grouping(student, teacher, grouping)
     x = jax.ShapeDtypeStruct((1, *input_shape[-2:]), jnp.int32)
 
     def widths(net: BlockNet) -> list[tuple[int, int]]:
