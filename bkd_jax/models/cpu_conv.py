@@ -153,6 +153,7 @@ def _weight_grad_by_taps(
     padded = jnp.pad(lhs, ((0, 0), *padding, (0, 0)))
     grads = out_grad.reshape(batch, out_h, out_w, groups, out // groups)
     depthwise = group_in == 1 and out == groups
+    accumulate = jnp.promote_types(lhs.dtype, jnp.float32)  # bfloat16 sums in float32
     taps = []
     for i in range(height):
         for j in range(width):
@@ -174,7 +175,7 @@ def _weight_grad_by_taps(
                         window,
                         out_grad,
                         precision=precision,
-                        preferred_element_type=jnp.float32,
+                        preferred_element_type=accumulate,
                     )
                 )
                 continue
@@ -185,7 +186,7 @@ def _weight_grad_by_taps(
                     window,
                     grads,
                     precision=precision,
-                    preferred_element_type=jnp.float32,
+                    preferred_element_type=accumulate,
                 )
             )
     return jnp.stack(taps).reshape(rhs.shape).astype(rhs.dtype)
