@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from bkd_jax import distillers, optim, steps
+from bkd_jax import distillers, optim, regression, steps
 from bkd_jax.blocknet import TEXT_ROWS
 from bkd_jax.data import text
 from bkd_jax.models import bert
@@ -102,9 +102,13 @@ def train(
     `eval_data` is the headline evaluation split (it picks "best"); `other_splits`, by
     split name, are evaluated alongside under names qualified by that name.
 
+    `num_classes=1` is a regression (STS-B): the objectives of `bkd_jax.regression`.
     `config.model_options`, when present, go to `bkd_jax.models.bert.get_model` for both
     networks (a vocabulary of other than BERT's size, shorter position tables).
     """
+    regression_task = num_classes == 1
+    if regression_task:
+        regression.check_method(config.distill.method, distillers.method_knobs(config.distill))
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2, default=str))
@@ -126,6 +130,10 @@ def train(
     distiller = distillers.make_distiller(
         config.distill, student, teacher, input_shape, num_examples=len(train_data)
     )
+    if regression_task:
+        distiller = regression.regression_distiller(
+            distiller, distillers.method_knobs(config.distill)
+        )
     batch = config.global_batch_size
     steps_per_epoch = len(train_data) // batch
     if steps_per_epoch == 0:
