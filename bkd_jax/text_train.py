@@ -106,9 +106,9 @@ def train(
     `config.model_options`, when present, go to `bkd_jax.models.bert.get_model` for both
     networks (a vocabulary of other than BERT's size, shorter position tables).
     """
-    regression_task = num_classes == 1
+    regression_task, knobs = num_classes == 1, distillers.method_knobs(config.distill)
     if regression_task:
-        regression.check_method(config.distill.method, distillers.method_knobs(config.distill))
+        regression.check_method(config.distill.method, knobs)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2, default=str))
@@ -131,9 +131,7 @@ def train(
         config.distill, student, teacher, input_shape, num_examples=len(train_data)
     )
     if regression_task:
-        distiller = regression.regression_distiller(
-            distiller, distillers.method_knobs(config.distill)
-        )
+        distiller = regression.regression_distiller(distiller, knobs)
     batch = config.global_batch_size
     steps_per_epoch = len(train_data) // batch
     if steps_per_epoch == 0:
