@@ -363,8 +363,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--input",
         required=True,
-        help="a .pth file (torch.save zip format), or mdistiller's cifar_teachers.tar or the "
-        "folder it extracts to",
+        help="a .pth file (torch.save, zip or legacy format), or mdistiller's "
+        "cifar_teachers.tar or the folder it extracts to",
     )
     parser.add_argument(
         "--output",

@@ -1,6 +1,6 @@
 """Hugging Face BERT checkpoints -> variables of a `bkd_jax.models.bert` encoder.
 
-Reads `pytorch_model.bin` (torch.save's zip format, through `bkd_jax.pth`, no torch
+Reads `pytorch_model.bin` (torch.save's zip or legacy format, through `bkd_jax.pth`, no torch
 needed) or `model.safetensors` (the `safetensors` package's numpy reader) of a
 `bert-*` model, `BertModel`, `BertForPreTraining` or `BertForSequenceClassification`.
 Keys map by the zoo's naming rule (`bkd_jax.convert.module_path`) once the `bert.` and

@@ -18,6 +18,9 @@ root, say), searched recursively. The reporting protocol:
   best-over-epochs is what mdistiller reports (`best_acc` in mdistiller/engine/trainer.py),
   so "published" (`bkd_jax.published`) and "Δ best" (our best mean − published) set our
   best beside theirs.
+- Text runs (`bkd_jax.text_train`) add GLUE's other metrics (F1, Matthews, Pearson,
+  Spearman; STS-B has no top-1) and the student's figures on further evaluation splits
+  (MNLI mismatched: "validation_mismatched top1 last").
 - "teacher" is the teacher's top-1 as the distilled runs evaluated it; "stoneK" stepping-
   stone K's top-1 at the last evaluation (Block-KD runs).
 - "images/s" is the global batch size over the median of the logged
@@ -229,12 +232,15 @@ def images_per_second(run: Run) -> float | None:
 def run_values(run: Run) -> dict[str, float]:
     """The reported figures of one run (accuracies in %)."""
     last, best = run.results["last"], run.results["best"]
-    values = {"top1_last": 100 * last[TOP1], "top1_best": 100 * best[TOP1]}
+    values = {}
+    if TOP1 in last:  # STS-B runs (a regression) report correlations only
+        values.update(top1_last=100 * last[TOP1], top1_best=100 * best[TOP1])
     if TOP5 in last:  # text classification runs (bkd_jax.text_train) report no top-5
         values.update(top5_last=100 * last[TOP5], top5_best=100 * best[TOP5])
     for name in GLUE_METRICS:
         if f"eval/student/{name}" in last:
             values[f"{name}_last"] = 100 * last[f"eval/student/{name}"]
+    values.update(_other_split_values(last))
     if TEACHER_TOP1 in last:
         values["teacher_top1"] = 100 * last[TEACHER_TOP1]
     stones = [k.split("/")[1] for k in last if k.startswith("eval/stone") and k.endswith("/top1")]
@@ -244,6 +250,22 @@ def run_values(run: Run) -> dict[str, float]:
     if speed is not None:
         values["images_per_second"] = speed
     return values
+
+
+def _other_split_values(last: dict[str, float]) -> dict[str, float]:
+    """The student's metrics on evaluation splits past the first, "eval/<split>/student/<m>"
+    in text runs (MNLI mismatched), as "<split> <m>_last" (x 100)."""
+    values = {}
+    for key, value in last.items():
+        parts = key.split("/")
+        if len(parts) == 4 and parts[2] == "student":
+            values[f"{parts[1]} {parts[3]}_last"] = 100 * value
+    return values
+
+
+def _other_split_figures(rows: Sequence[Row]) -> list[str]:
+    found = {k.removesuffix("_mean") for r in rows for k in r if k.endswith("_last_mean")}
+    return sorted(name for name in found if " " in name)
 
 
 def _stone_number(name: str) -> int:
@@ -306,7 +328,8 @@ def summarize(runs: Sequence[Run]) -> list[Row]:
             )
         reference = published.top1(first.dataset, first.teacher, first.student, first.method)
         row["published_top1"] = reference
-        row["delta_top1_best"] = None if reference is None else row["top1_best_mean"] - reference
+        found = reference is not None and "top1_best_mean" in row
+        row["delta_top1_best"] = row["top1_best_mean"] - reference if found else None
         rows.append(row)
     return rows
 
@@ -319,7 +342,7 @@ def _stones(rows: Sequence[Row]) -> list[str]:
 
 def figure_names(rows: Sequence[Row]) -> list[str]:
     """The figures some row has, in table order."""
-    names = [*STUDENT_METRICS, *(f"{m}_last" for m in GLUE_METRICS)]
+    names = [*STUDENT_METRICS, *(f"{m}_last" for m in GLUE_METRICS), *_other_split_figures(rows)]
     names += [*(f"{s}_top1" for s in _stones(rows)), "images_per_second"]
     return [n for n in names if any(f"{n}_mean" in r for r in rows)]
 
@@ -352,7 +375,9 @@ def columns(rows: Sequence[Row]) -> list[tuple[str, Callable[[Row], str]]]:
         ("top-5 best", lambda r: format_mean_std(r, "top5_best")),
         ("teacher", lambda r: format_mean_std(r, "teacher_top1")),
         *((f"{m} last", lambda r, m=m: format_mean_std(r, f"{m}_last")) for m in GLUE_METRICS),
-    ]
+        *((f"{n.removesuffix('_last')} last", lambda r, n=n: format_mean_std(r, n))
+          for n in _other_split_figures(rows)),
+    ]  # fmt: skip
     for stone in _stones(rows):
         candidates.append((stone, lambda r, s=stone: format_mean_std(r, f"{s}_top1")))
     candidates.append(("images/s", lambda r: format_mean_std(r, "images_per_second", 0)))

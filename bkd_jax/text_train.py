@@ -9,8 +9,11 @@ loop: tokenised examples in host memory, batches padded per batch to bucketed le
 (`bkd_jax.data.text`), one compiled step per bucket. Everything else is shared: the
 distillers, `bkd_jax.steps`' train step, AdamW with BERT's linear warm-up and decay.
 Each epoch ends with an evaluation of the student, the teacher and the stepping-stones
-under GLUE's metrics; the workdir gets `config.json`, `metrics.jsonl` and, at the end,
-`results.json` as `bkd_jax.report` reads them ("eval/student/top1" is accuracy).
+under GLUE's metrics on every evaluation split of the task; the workdir gets
+`config.json`, `metrics.jsonl` and, at the end, `results.json` as `bkd_jax.report` reads
+them. The first split's metrics are the headline ones, named as the image trainer's
+("eval/student/top1" is accuracy); those of further splits carry the split's name
+("eval/validation_mismatched/student/top1" for MNLI, whose first split is the matched one).
 The loop keeps no checkpoints of its own beyond the final student (`student/`).
 """
 
@@ -19,6 +22,8 @@ from __future__ import annotations
 import json
 import pathlib
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import jax
@@ -27,7 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from bkd_jax import distillers, optim, steps
+from bkd_jax import distillers, optim, regression, steps
 from bkd_jax.blocknet import TEXT_ROWS
 from bkd_jax.data import text
 from bkd_jax.models import bert
@@ -63,8 +68,11 @@ def _load(path: str, net: bert.TextBlockNet, role: str) -> dict[str, Any]:
     return jax.tree.map(jnp.asarray, variables)
 
 
-def evaluate(eval_fn, state, teacher_vars, data: text.Encoded, metrics, batch_size: int):
-    """GLUE `metrics` of the student, the teacher and each stone on `data`."""
+def evaluate(
+    eval_fn, state, teacher_vars, data: text.Encoded, metrics, batch_size: int, split: str = ""
+) -> dict[str, float]:
+    """GLUE `metrics` of the student, the teacher and each stone on `data`, named
+    "eval/[split/]model/metric"."""
     outputs: dict[str, list[np.ndarray]] = {}
     for batch in text.batches(data, batch_size):
         for name, logits in eval_fn(state, teacher_vars, batch["image"]).items():
@@ -74,7 +82,8 @@ def evaluate(eval_fn, state, teacher_vars, data: text.Encoded, metrics, batch_si
         values = text.glue_metrics(metrics, np.concatenate(parts), data.labels)
         if "accuracy" in values:
             values["top1"] = values.pop("accuracy")
-        found.update({f"eval/{name}/{k}": v for k, v in values.items()})
+        prefix = f"eval/{split}/{name}" if split else f"eval/{name}"
+        found.update({f"{prefix}/{k}": v for k, v in values.items()})
     return found
 
 
@@ -86,12 +95,20 @@ def train(
     *,
     num_classes: int,
     metrics: tuple[str, ...] = ("accuracy",),
+    other_splits: Mapping[str, text.Encoded] = MappingProxyType({}),
 ) -> dict[str, Any]:
     """Trains `config.student` on `train_data`; returns (and writes) the results summary.
 
+    `eval_data` is the headline evaluation split (it picks "best"); `other_splits`, by
+    split name, are evaluated alongside under names qualified by that name.
+
+    `num_classes=1` is a regression (STS-B): the objectives of `bkd_jax.regression`.
     `config.model_options`, when present, go to `bkd_jax.models.bert.get_model` for both
     networks (a vocabulary of other than BERT's size, shorter position tables).
     """
+    regression_task, knobs = num_classes == 1, distillers.method_knobs(config.distill)
+    if regression_task:
+        regression.check_method(config.distill.method, knobs)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2, default=str))
@@ -113,6 +130,8 @@ def train(
     distiller = distillers.make_distiller(
         config.distill, student, teacher, input_shape, num_examples=len(train_data)
     )
+    if regression_task:
+        distiller = regression.regression_distiller(distiller, knobs)
     batch = config.global_batch_size
     steps_per_epoch = len(train_data) // batch
     if steps_per_epoch == 0:
@@ -154,6 +173,8 @@ def train(
                 **{f"train/{k}": float(v) for k, v in step_metrics.items()},
                 **evaluate(eval_fn, state, teacher_vars, eval_data, metrics, batch),
             }  # fmt: skip
+            for split, data in other_splits.items():
+                record.update(evaluate(eval_fn, state, teacher_vars, data, metrics, batch, split))
             log.write(json.dumps(record) + "\n")
             log.flush()
             history.append(record)
@@ -177,26 +198,36 @@ def _save_student(path: pathlib.Path, state, config, num_classes: int) -> None:
     checkpointing.save_variables(path.absolute(), {"params": state.params["student"]}, metadata)
 
 
+def load_task(dataset: ml_collections.ConfigDict) -> dict[str, text.Encoded]:
+    """The tokenised "train" split and every evaluation split of `dataset.task`, by name,
+    evaluation splits in the task's order (MNLI: matched, then mismatched)."""
+    if not dataset.vocab_file:
+        raise ValueError("config.dataset.vocab_file: the checkpoint's WordPiece vocab.txt")
+    task = text.glue_task(dataset.task)
+    tokenizer = text.wordpiece(
+        dataset.vocab_file, lowercase=dataset.lowercase, max_length=dataset.max_length
+    )
+    return {
+        split: text.encode(tokenizer, text.load_glue(dataset.task, split, dataset.data_dir or None))
+        for split in ("train", *task.eval_splits)
+    }
+
+
+def run_task(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """`train` on GLUE task `config.dataset.task`, evaluated on all its evaluation splits."""
+    task = text.glue_task(config.dataset.task)
+    splits = load_task(config.dataset)
+    headline, *others = task.eval_splits
+    return train(
+        config, workdir, splits["train"], splits[headline],
+        num_classes=task.num_classes, metrics=task.metrics,
+        other_splits={split: splits[split] for split in others},
+    )  # fmt: skip
+
+
 def main(argv) -> None:
     del argv
-    config, workdir = _CONFIG.value, _WORKDIR.value
-    task = text.glue_task(config.dataset.task)
-    if not config.dataset.vocab_file:
-        raise ValueError("config.dataset.vocab_file: the checkpoint's WordPiece vocab.txt")
-    tokenizer = text.wordpiece(
-        config.dataset.vocab_file, lowercase=config.dataset.lowercase,
-        max_length=config.dataset.max_length,
-    )  # fmt: skip
-    data_dir = config.dataset.data_dir or None
-    name = config.dataset.task
-    train_data = text.encode(tokenizer, text.load_glue(name, "train", data_dir))
-    # The first evaluation split (MNLI: matched; the mismatched one is not evaluated).
-    eval_data = text.encode(tokenizer, text.load_glue(name, task.eval_splits[0], data_dir))
-    results = train(
-        config, workdir, train_data, eval_data,
-        num_classes=task.num_classes, metrics=task.metrics,
-    )  # fmt: skip
-    print(json.dumps(results["last"], indent=2))
+    print(json.dumps(run_task(_CONFIG.value, _WORKDIR.value)["last"], indent=2))
 
 
 if __name__ == "__main__":

@@ -185,7 +185,8 @@ def test_checkpoint_without_classifier_is_refused():
 # (c) the .pth reader, against files torch itself writes.
 
 
-def test_pth_reader_matches_torch(torch, tmp_path):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_pth_reader_matches_torch(torch, tmp_path, zip_format):
     base = torch.arange(48, dtype=torch.float32).reshape(6, 8)
     sd = {
         "float": torch.randn(3, 4),
@@ -201,7 +202,7 @@ def test_pth_reader_matches_torch(torch, tmp_path):
     }
     assert sd["offset_view"].storage_offset() == 19
     path = tmp_path / "sd.pth"
-    torch.save(sd, path)
+    torch.save(sd, path, _use_new_zipfile_serialization=zip_format)
     read = pth.load(path)
     assert read.keys() == sd.keys()
     for key, tensor in sd.items():
@@ -229,10 +230,50 @@ def test_pth_reader_refuses_arbitrary_objects(torch, tmp_path):
         pth.load(tmp_path / "module.pth")
 
 
-def test_pth_reader_refuses_legacy_format(tmp_path):
+def test_legacy_storage_views_of_old_torch_are_read_as_torch_reads_them(torch, tmp_path):
+    """Old torch wrote views of a storage as ("storage", type, root key, location, numel,
+    (view key, element offset, element count)); torch.load still reads them."""
+    import collections
+    import struct
+
+    class Ref:  # a storage, pickled as its persistent id
+        def __init__(self, pid):
+            self.pid = pid
+
+    class Tensor:
+        def __init__(self, ref, offset, size, stride):
+            self.args = (ref, offset, size, stride, False, collections.OrderedDict())
+
+        def __reduce__(self):
+            return torch._utils._rebuild_tensor_v2, self.args
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return obj.pid if isinstance(obj, Ref) else None
+
+    root = np.arange(10, dtype=np.float32) * 1.5
+    whole = Ref(("storage", torch.FloatStorage, "7", "cpu", 10, None))
+    view = Ref(("storage", torch.FloatStorage, "7", "cpu", 10, ("8", 2, 6)))
+    obj = {"whole": Tensor(whole, 1, (2, 3), (3, 1)), "view": Tensor(view, 1, (2, 2), (1, 3))}
+    path = tmp_path / "old.pth"
+    with open(path, "wb") as f:
+        for header in (pth.LEGACY_MAGIC, pth.LEGACY_PROTOCOL, {"little_endian": True}):
+            pickle.dump(header, f, protocol=2)
+        Pickler(f, protocol=2).dump(obj)
+        pickle.dump(["7"], f, protocol=2)
+        f.write(struct.pack("<q", 10) + root.tobytes())
+    read = pth.load(path)
+    theirs = torch.load(path, weights_only=False)
+    np.testing.assert_array_equal(read["whole"], root[1:7].reshape(2, 3))
+    np.testing.assert_array_equal(read["view"], root[[3, 6, 4, 7]].reshape(2, 2))
+    for key in obj:
+        np.testing.assert_array_equal(read[key], theirs[key].numpy())
+
+
+def test_pth_reader_refuses_a_truncated_legacy_file(tmp_path):
     path = tmp_path / "legacy.pth"
     path.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C))  # legacy files open with this magic
-    with pytest.raises(ValueError, match="legacy format"):
+    with pytest.raises(ValueError, match="legacy format checkpoint that ends inside its header"):
         pth.load(path)
 
 

@@ -155,10 +155,13 @@ def test_files_convert_through_the_command(tmp_path, converted):
     loaded = convert_bert.from_file("bert_2x128", path, groups=2, **OPTIONS)
     jax.tree.map(np.testing.assert_array_equal, loaded.variables, done.variables)
     torch = pytest.importorskip("torch")
-    bin_path = tmp_path / "pytorch_model.bin"
-    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, bin_path)
-    loaded = convert_bert.from_file("bert_2x128", bin_path, groups=2, **OPTIONS)
-    jax.tree.map(np.testing.assert_array_equal, loaded.variables, done.variables)
+    for zip_format in (True, False):  # torch >= 1.6's zip archive, the legacy format
+        bin_path = tmp_path / f"zip_{zip_format}" / "pytorch_model.bin"
+        bin_path.parent.mkdir()
+        tensors = {k: torch.from_numpy(v) for k, v in sd.items()}
+        torch.save(tensors, bin_path, _use_new_zipfile_serialization=zip_format)
+        loaded = convert_bert.from_file("bert_2x128", bin_path, groups=2, **OPTIONS)
+        jax.tree.map(np.testing.assert_array_equal, loaded.variables, done.variables)
     # The command builds bert_2x128's own tables, which the tiny vocabulary does not fit.
     with pytest.raises(SystemExit) as exit_info:
         convert.main(["--model", "bert_2x128", "--input", str(path), "--output",

@@ -23,8 +23,13 @@ def test_the_papers_schedule_and_berts_optimiser():
     assert config.groups == 3 and config.distill.blockkd.warmup_epochs == 1
     assert glue.get_config("student=bert_4x312").groups == 4
     assert glue.get_config("method=ce,student=bert_base").groups == 4
-    with pytest.raises(ValueError, match="stsb, a regression"):
-        glue.get_config("task=stsb")
+    for method in ("ce", "kd", "blockkd", "blockkd_lite"):
+        assert glue.get_config(f"task=stsb,method={method}").dataset.name == "glue/stsb"
+    for method in ("dkd", "dist", "wttm"):
+        with pytest.raises(ValueError, match=rf"task=stsb \(a regression\) with method='{method}'"):
+            glue.get_config(f"task=stsb,method={method}")
+    with pytest.raises(ValueError, match="task='sst5': one of sst2, mrpc, cola, stsb"):
+        glue.get_config("task=sst5")
     with pytest.raises(ValueError, match="student='bert_huge'"):
         glue.get_config("student=bert_huge")
 
