@@ -32,9 +32,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from bkd_jax import distillers, optim, regression, steps
+from bkd_jax import distillers, optim, steps
 from bkd_jax.blocknet import TEXT_ROWS
 from bkd_jax.data import text
+from bkd_jax.distillers import regression
 from bkd_jax.models import bert
 from bkd_jax.training import run_files
 from bkd_jax.training.config_guard import CONFIG_FILE
@@ -102,7 +103,7 @@ def train(
     `eval_data` is the headline evaluation split (it picks "best"); `other_splits`, by
     split name, are evaluated alongside under names qualified by that name.
 
-    `num_classes=1` is a regression (STS-B): the objectives of `bkd_jax.regression`.
+    `num_classes=1` is a regression (STS-B): the objectives of `bkd_jax.distillers.regression`.
     `config.model_options`, when present, go to `bkd_jax.models.bert.get_model` for both
     networks (a vocabulary of other than BERT's size, shorter position tables).
     """

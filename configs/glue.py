@@ -16,7 +16,7 @@ evaluated: MNLI's matched split gives the headline figures, the mismatched one i
 as "eval/validation_mismatched/..." and tabulated by the report.
 STS-B is a regression (a 1-wide head, Pearson and Spearman correlations): ce, kd,
 blockkd and blockkd_lite train it with squared errors to the label and to the teacher's
-score (`bkd_jax.regression`); the methods defined on class distributions (dkd, dist,
+score (`bkd_jax.distillers.regression`); the methods defined on class distributions (dkd, dist,
 wttm) are refused with it.
 
 Launch, from Hugging Face files (`model.safetensors` or `pytorch_model.bin`, `vocab.txt`)
@@ -45,8 +45,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from bkd_jax import regression
 from bkd_jax.config_defaults import distill_config, parse_arguments
+from bkd_jax.distillers import regression
 
 TASKS = ("sst2", "mrpc", "cola", "stsb", "qnli", "rte", "qqp", "mnli")
 DEPTHS = {"bert_base": 12, "bert_6x768": 6, "bert_4x312": 4, "bert_2x128": 2}

@@ -12,7 +12,8 @@ import pytest
 from test_bert import random_text, tiny
 from test_text_train import VOCAB_SIZE, random_encoded
 
-from bkd_jax import config_defaults, distillers, regression, report, steps, text_demo, text_train
+from bkd_jax import config_defaults, distillers, report, steps, text_demo, text_train
+from bkd_jax.distillers import regression
 from bkd_jax.distillers.base import Forward
 
 
