@@ -13,7 +13,9 @@ import zlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from etils import epath
 
 from bkd_jax.training import checkpointing
 
@@ -86,8 +88,7 @@ def test_keeps_latest_few_and_best_even_when_older(tmp_path):
     assert ckpt.best_value == 0.5
     assert ckpt.latest_step() == 5
     ckpt.close()
-    assert _saved_steps(tmp_path / "checkpoints") == [4, 5]
-    assert _saved_steps(tmp_path / "best") == [2]
+    assert _saved_steps(tmp_path / "checkpoints") == [2, 4, 5]  # the latest two and the best
 
     # The best value survives a restart: a worse metric later does not replace it.
     reopened = checkpointing.Checkpointer(tmp_path, save_interval_steps=100, max_to_keep=2)
@@ -95,13 +96,15 @@ def test_keeps_latest_few_and_best_even_when_older(tmp_path):
     assert not reopened.save(6, _state(6), {}, metrics={"eval/top1": 0.45})
     assert reopened.save(7, _state(7), {}, metrics={"eval/top1": 0.6})
     reopened.close()
-    assert _saved_steps(tmp_path / "best") == [7]
+    assert _saved_steps(tmp_path / "checkpoints") == [5, 7]  # step 2 is no longer the best
+    assert checkpointing.load_variables(tmp_path)[1]["step"] == 7
 
 
-def test_restore_takes_the_newest_of_latest_and_best(tmp_path):
+def test_restore_takes_the_newest_step_saved_on_schedule_or_as_best(tmp_path):
     ckpt = checkpointing.Checkpointer(tmp_path, save_interval_steps=10)
     ckpt.save(10, _state(10), {"at": 10})
-    ckpt.save(13, _state(13), {"at": 13}, metrics={"eval/top1": 0.9})  # off schedule: best only
+    assert not ckpt.save(11, _state(11), {"at": 11})
+    ckpt.save(13, _state(13), {"at": 13}, metrics={"eval/top1": 0.9})  # off schedule: best
     ckpt.wait_until_finished()
     assert ckpt.latest_step() == 13
     state, extra = ckpt.restore(_state(0))
@@ -118,7 +121,17 @@ def test_lower_is_better_mode(tmp_path):
         ckpt.save(step, _state(step), {}, metrics={"eval/loss": loss})
     assert ckpt.best_value == 1.0
     ckpt.close()
-    assert _saved_steps(tmp_path / "best") == [2]
+    assert _saved_steps(tmp_path / "checkpoints") == [1, 2]  # step 3 was not due nor better
+    assert checkpointing.load_variables(tmp_path)[1]["step"] == 2
+
+
+def test_an_equal_value_later_does_not_replace_the_best(tmp_path):
+    ckpt = checkpointing.Checkpointer(tmp_path, save_interval_steps=1, max_to_keep=1)
+    for step, value in [(1, 0.5), (2, 0.5), (3, 0.4)]:
+        ckpt.save(step, _state(step), {}, metrics={"eval/top1": value})
+    ckpt.close()
+    assert _saved_steps(tmp_path / "checkpoints") == [1, 3]
+    assert checkpointing.load_variables(tmp_path)[1]["step"] == 1
 
 
 def test_save_and_load_variables_round_trip(tmp_path):
@@ -149,7 +162,7 @@ def test_load_variables_from_workdir_picks_best_student(tmp_path):
     assert metadata == {
         "checkpoint": "best",
         "step": 2,
-        "directory": str(tmp_path / "best" / "2"),
+        "directory": str(tmp_path / "checkpoints" / "2"),
         "extra": {"epoch": 2},
     }
     assert set(variables) == {"params", "batch_stats"}
@@ -167,7 +180,7 @@ def test_load_variables_from_workdir_without_best_takes_latest(tmp_path):
         ckpt.save(step, _state(step), {})
     ckpt.close()
     variables, metadata = checkpointing.load_variables(tmp_path)
-    assert (metadata["checkpoint"], metadata["step"]) == ("checkpoints", 2)
+    assert (metadata["checkpoint"], metadata["step"]) == ("latest", 2)
     np.testing.assert_array_equal(
         variables["batch_stats"]["block1"]["mean"], np.arange(4.0, dtype=np.float32) + 2
     )
@@ -180,36 +193,45 @@ def test_load_variables_errors(tmp_path):
         checkpointing.load_variables(tmp_path)
 
 
-def _record(directory: pathlib.Path) -> dict:
-    return json.loads((directory / checkpointing.INTEGRITY_FILE).read_text())
+def _record(item_dir: pathlib.Path) -> dict:
+    return json.loads((item_dir / checkpointing.INTEGRITY_FILE).read_text())
 
 
-def test_every_saved_step_carries_an_integrity_record(tmp_path):
+def test_every_item_of_a_saved_step_carries_an_integrity_record(tmp_path):
     ckpt = checkpointing.Checkpointer(tmp_path, save_interval_steps=1)
     ckpt.save(1, _state(1), {"a": 1}, metrics={"eval/top1": 0.5})
     ckpt.close()
-    for step_dir in (tmp_path / "checkpoints" / "1", tmp_path / "best" / "1"):
-        record = _record(step_dir)
-        assert "extra/metadata" in record and any(k.startswith("state/") for k in record)
-        path = step_dir / "extra" / "metadata"
-        assert record["extra/metadata"] == [path.stat().st_size, zlib.crc32(path.read_bytes())]
-        checkpointing.verify_integrity(step_dir)
+    step_dir = tmp_path / "checkpoints" / "1"
+    path = step_dir / "extra" / "metadata"
+    assert _record(step_dir / "extra") == {
+        "metadata": [path.stat().st_size, zlib.crc32(path.read_bytes())]
+    }
+    state_files = {
+        str(p.relative_to(step_dir / "state"))
+        for p in (step_dir / "state").rglob("*")
+        if p.is_file() and p.name not in (checkpointing.INTEGRITY_FILE, "commit_success.txt")
+    }
+    assert set(_record(step_dir / "state")) == state_files and len(state_files) > 2
+    checkpointing.verify_integrity(step_dir)
 
 
-def test_partial_step_of_an_interrupted_save_is_removed(tmp_path, caplog):
+def test_partial_step_of_an_interrupted_save_is_removed(tmp_path):
     ckpt = checkpointing.Checkpointer(tmp_path, save_interval_steps=1, best_metric=None)
     ckpt.save(1, _state(1), {"at": 1})
     ckpt.close()
-    partial = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp"
+    # Where orbax writes step 3 until it is complete, named by orbax's own path class; a
+    # later run saves steps before 3 (so that no save of step 3 replaces the leftover).
+    final = epath.Path(tmp_path / "checkpoints" / "3")
+    partial = pathlib.Path(ocp.path.atomicity.AtomicRenameTemporaryPath.from_final(final).get())
+    assert partial.parent == final.parent and partial.name != "3"
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "_METADATA").write_text("{")
-    with caplog.at_level("WARNING"):
-        reopened = checkpointing.Checkpointer(tmp_path, save_interval_steps=1, best_metric=None)
-    assert f"Removing {partial}: its save was interrupted." in caplog.text
-    assert not partial.exists()
+    reopened = checkpointing.Checkpointer(tmp_path, save_interval_steps=1, best_metric=None)
+    assert reopened.latest_step() == 1
     assert reopened.restore(_state(0))[1] == {"at": 1}
-    assert reopened.save(2, _state(2), {"at": 2})
+    assert reopened.save(2, _state(2), {"at": 2})  # orbax removes the leftover first
     reopened.close()
+    assert not partial.exists()
     assert _saved_steps(tmp_path / "checkpoints") == [1, 2]
 
 
@@ -230,7 +252,8 @@ def test_damaged_step_is_named_set_aside_and_the_previous_restored(tmp_path, how
         ckpt.save(step, _state(step), {"at": step})
     ckpt.close()
     step_dir = tmp_path / "checkpoints" / "2"
-    largest = max(_record(step_dir), key=lambda name: _record(step_dir)[name][0])
+    record = _record(step_dir / "state")
+    largest = "state/" + max(record, key=lambda name: record[name][0])
     _damage(step_dir / largest, how)
     with pytest.raises(checkpointing.CorruptCheckpointError, match=str(step_dir / largest)):
         checkpointing.verify_integrity(step_dir)
@@ -254,7 +277,7 @@ def test_damaged_json_without_record_still_falls_back(tmp_path, caplog):
     for step in (1, 2):
         ckpt.save(step, _state(step), {"at": step})
     ckpt.close()
-    (tmp_path / "checkpoints" / "2" / checkpointing.INTEGRITY_FILE).unlink()
+    (tmp_path / "checkpoints" / "2" / "extra" / checkpointing.INTEGRITY_FILE).unlink()
     (tmp_path / "checkpoints" / "2" / "extra" / "metadata").write_text('{"at": ')
     with caplog.at_level("ERROR"):
         _, extra = checkpointing.Checkpointer(tmp_path, save_interval_steps=1).restore(_state(0))

@@ -67,14 +67,18 @@ def _logged_steps(workdir: pathlib.Path) -> list[int]:
 
 
 def _complete_steps(workdir: pathlib.Path) -> list[int]:
-    dirs = (workdir / checkpointing.LATEST_DIR, workdir / checkpointing.BEST_DIR)
-    return sorted({s for d in dirs for s in checkpointing.saved_steps(d)})
+    return checkpointing.saved_steps(workdir / checkpointing.LATEST_DIR)
 
 
 def _writing(workdir: pathlib.Path) -> bool:
-    """Whether a checkpoint is being written (orbax's temporary step directory exists)."""
-    dirs = (workdir / checkpointing.LATEST_DIR, workdir / checkpointing.BEST_DIR)
-    return any("orbax-checkpoint-tmp" in p.name for d in dirs if d.is_dir() for p in d.iterdir())
+    """Whether a checkpoint is being written: orbax's temporary step directory, any directory
+    beside the complete steps, exists."""
+    directory = workdir / checkpointing.LATEST_DIR
+    if not directory.is_dir():
+        return False
+    listed = list(directory.iterdir())  # before the steps: a step renamed between is listed
+    complete = {str(step) for step in _complete_steps(workdir)}
+    return any(p.name not in complete and p.is_dir() for p in listed)
 
 
 @pytest.fixture(scope="module")

@@ -2,25 +2,29 @@
 
 A training workdir holds, besides its config (`config_guard`)::
 
-    workdir/checkpoints/<step>/ the latest `max_to_keep` checkpoints, saved on a schedule
-    workdir/best/<step>/        the single best checkpoint by a metric, kept regardless of age
+    workdir/checkpoints/<step>/ the latest `max_to_keep` checkpoints, saved on a schedule,
+                                and the best one by a metric, kept regardless of age
     workdir/corrupt/            checkpoints found unreadable, moved aside (never deleted)
 
-Each checkpoint step holds two items: ``state``, the train-state pytree (jax arrays, sharded
-or not, typed PRNG keys included: orbax stores their key data and re-wraps them), and
-``extra``, a JSON dict for everything that is not an array (data position, epoch, best
-metric so far). Restoring onto an abstract target puts every array on the target's
-sharding, so a sharded state comes back sharded.
+One orbax CheckpointManager keeps them: its preservation policy keeps a step when it is
+among the latest `max_to_keep` (LatestN) or is the best by the metric (BestN). Each step
+holds two items: ``state``, the train-state pytree (jax arrays, sharded or not, typed PRNG
+keys included: orbax stores their key data and re-wraps them), and ``extra``, a JSON dict
+for everything that is not an array (data position, epoch, best metric so far); orbax adds
+``metrics`` for the ranking. Restoring onto an abstract target puts every array on the
+target's sharding, so a sharded state comes back sharded.
 
 Crash safety: orbax writes a step into a temporary directory and renames it when every
-file is written, so a process killed mid-save leaves no step that looks complete (the
-leftover is removed, and logged, at the next start). Before that rename, process 0 adds
-``integrity.json`` (size and CRC-32 of every file), so a file truncated or damaged later is
-named when the step is restored; `Checkpointer.restore` then logs it, moves the step to
-``workdir/corrupt/`` and falls back to the previous step. On several processes, process 0
-alone removes or moves a directory, and the others wait for it at a barrier before they
-list the steps again; all of them agree on whether each step could be read, so all resume
-from the same one.
+file is written, so a process killed mid-save leaves no step that looks complete; orbax
+removes such leftovers when the next run opens the directory (`cleanup_tmp_directories`)
+and waits for that before its first save. Orbax checks no file's contents on restore, so
+when it finalizes an item (with every file written, before the rename) process 0 adds
+``integrity.json`` (size and CRC-32 of every file) to it: a file truncated or damaged
+later is named when the step is restored; `Checkpointer.restore` then logs it, moves the
+step to ``workdir/corrupt/`` (orbax can only delete steps) and falls back to the previous
+one. On several processes, process 0 alone moves a directory, and the others wait for it
+at a barrier before they list the steps again; all of them agree on whether each step
+could be read, so all resume from the same one.
 
 The student's variables inside a train state are ``state["params"]["student"]`` and
 ``state["batch_stats"]["student"]`` (a dict or any pytree whose keys or fields are named so);
@@ -31,10 +35,10 @@ standalone variables checkpoint written by `save_variables` (the weight converte
 from __future__ import annotations
 
 import json
-import logging as py_logging
+import math
 import os
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import jax
@@ -44,52 +48,29 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
+from orbax.checkpoint.checkpoint_manager import METRIC_ITEM_NAME
 
 from bkd_jax.training.run_files import atomic_write_text
 
 PyTree = Any
 
-LATEST_DIR = "checkpoints"
-BEST_DIR = "best"
+LATEST_DIR = "checkpoints"  # the step directories, latest and best alike
 CORRUPT_DIR = "corrupt"
 INTEGRITY_FILE = "integrity.json"
+BEST, LATEST = "best", "latest"  # which kind of step `load_variables` read
 STUDENT = "student"
 STUDENT_COLLECTIONS = ("params", "batch_stats")
 # Item names inside one checkpoint step (Checkpointer) or a standalone variables checkpoint.
 _STATE, _EXTRA = "state", "extra"
 _VARIABLES, _METADATA = "variables", "metadata"
+# The ranking value in a step's orbax metrics: the best metric, negated when lower is
+# better, so that higher always wins and a reader needs neither the metric nor the mode.
+_SCORE = "best_score"
 _CHUNK = 1 << 20
-_TMP_MARK = "orbax-checkpoint-tmp"  # in the name of a step directory orbax is writing
-# Not recorded: the record itself, and orbax's step metadata, which it updates after saving.
-_UNRECORDED = (INTEGRITY_FILE, "_CHECKPOINT_METADATA")
-
-
-class _UnrequestedItems(py_logging.Filter):
-    """Drops orbax's warning that a step holds an item not asked for: reading a teacher's
-    or a student's variables from a best checkpoint leaves its "metrics" item unread on
-    purpose."""
-
-    def filter(self, record: py_logging.LogRecord) -> bool:
-        return "was found in the checkpoint, but could not be restored" not in record.getMessage()
-
-
-py_logging.getLogger("absl").addFilter(_UnrequestedItems())
 
 
 class CorruptCheckpointError(ValueError):
     """A checkpoint file is missing, truncated or changed since it was written."""
-
-
-def _save_args(state: PyTree, extra: Mapping[str, Any]) -> ocp.args.Composite:
-    return ocp.args.Composite(
-        **{_STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(dict(extra))}
-    )
-
-
-def _restore_args(abstract_state: PyTree) -> ocp.args.Composite:
-    return ocp.args.Composite(
-        **{_STATE: ocp.args.StandardRestore(abstract_state), _EXTRA: ocp.args.JsonRestore()}
-    )
 
 
 def absolute(path: str | epath.PathLike) -> epath.Path:
@@ -107,12 +88,12 @@ def _crc32(path: epath.Path) -> int:
 
 
 def _files(directory: epath.Path) -> list[epath.Path]:
-    """Every recorded file under `directory` (epath has no recursive glob)."""
+    """Every file under `directory` but the record itself (epath has no recursive glob)."""
     files = []
     for path in directory.iterdir():
         if path.is_dir():
             files += _files(path)
-        elif path.name not in _UNRECORDED:
+        elif path.name != INTEGRITY_FILE:
             files.append(path)
     return sorted(files)
 
@@ -126,23 +107,13 @@ def write_integrity(directory: str | epath.PathLike) -> None:
     atomic_write_text(directory / INTEGRITY_FILE, json.dumps(record, indent=0, sort_keys=True))
 
 
-def verify_integrity(directory: str | epath.PathLike) -> None:
-    """Checks every file recorded in `directory/integrity.json`; no record, no check.
-
-    Raises:
-      CorruptCheckpointError: naming the first file that is missing, has another size
-        (truncated) or another checksum (changed) than when it was written.
-    """
-    directory = epath.Path(directory)
-    record_path = directory / INTEGRITY_FILE
-    if not record_path.exists():
-        return
+def _verify_record(record_path: epath.Path) -> None:
     try:
         record = json.loads(record_path.read_text())
     except ValueError:
         raise CorruptCheckpointError(f"{record_path}: not valid JSON") from None
     for name, (size, crc) in sorted(record.items()):
-        path = directory / name
+        path = record_path.parent / name
         if not path.exists():
             raise CorruptCheckpointError(f"{path}: missing")
         if (actual := path.stat().length) != size:
@@ -151,58 +122,83 @@ def verify_integrity(directory: str | epath.PathLike) -> None:
             raise CorruptCheckpointError(f"{path}: contents changed since written (CRC-32)")
 
 
-def _sealer(directory: epath.Path, saving: dict[str, int]) -> Callable[[], None]:
-    """A post-finalization callback writing integrity.json into the step being saved.
+def verify_integrity(step_dir: str | epath.PathLike) -> None:
+    """Checks every file recorded in the integrity.json of each item of a step.
 
-    Orbax calls it with every file written, before it renames the temporary directory, so
-    the record is part of the step from the moment the step exists.
+    An item without a record (saved by an older version, or its record failed to write)
+    is not checked.
+
+    Raises:
+      CorruptCheckpointError: naming the first file that is missing, has another size
+        (truncated) or another checksum (changed) than when it was written.
+    """
+    for record_path in sorted(epath.Path(step_dir).glob(f"*/{INTEGRITY_FILE}")):
+        _verify_record(record_path)
+
+
+class _Sealing:
+    """Adds integrity.json to an item when orbax finalizes it.
+
+    Orbax calls `finalize` once every process has written its files and before it renames
+    the item's temporary directory, so the record is part of the item from the moment the
+    step exists.
     """
 
-    def seal() -> None:
+    def finalize(self, directory: epath.Path) -> None:
+        super().finalize(directory)
         if jax.process_index() != 0:
             return
-        step = saving["step"]
-        pending = list(directory.glob(f"{step}.{_TMP_MARK}*"))
-        target = pending[0] if len(pending) == 1 else directory / str(step)
         try:
-            write_integrity(target)
+            write_integrity(directory)
         except OSError as e:  # The checkpoint itself is fine; it is only not verifiable.
-            logging.warning("Could not write %s in %s: %s", INTEGRITY_FILE, target, e)
-
-    return seal
+            logging.warning("Could not write %s in %s: %s", INTEGRITY_FILE, directory, e)
 
 
-def _remove_partial_steps(directory: epath.Path) -> None:
-    """Deletes the temporary directories of saves that never finished (process 0)."""
-    if jax.process_index() != 0 or not directory.is_dir():
-        return
-    for path in directory.iterdir():
-        if _TMP_MARK in path.name and path.is_dir():
-            logging.warning("Removing %s: its save was interrupted.", path)
-            path.rmtree()
+class _SealedStandardHandler(_Sealing, ocp.StandardCheckpointHandler):
+    """The `state` item: a StandardCheckpointHandler that records its files."""
 
 
-def _manager(
-    directory: epath.Path, saving: dict[str, int], **options: Any
-) -> ocp.CheckpointManager:
-    # Done here, synchronously, rather than by orbax's cleanup_tmp_directories in a
-    # background thread that would still run when the first save starts; and before any
-    # process lists the steps, which the manager does as it starts.
-    _remove_partial_steps(directory)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"bkd_jax partial steps removed {directory}")
-    return ocp.CheckpointManager(
-        directory,
-        options=ocp.CheckpointManagerOptions(
-            async_options=ocp.AsyncOptions(post_finalization_callback=_sealer(directory, saving)),
-            # Its own barrier names: on several processes the latest and the best manager
-            # may save the same step at once, and same-named barriers would collide.
-            multiprocessing_options=ocp.options.MultiprocessingOptions(
-                barrier_sync_key_prefix=f"bkd_jax_{directory.name}"
-            ),
-            **options,
-        ),
+class _SealedJsonHandler(_Sealing, ocp.JsonCheckpointHandler):
+    """The `extra` item: a JsonCheckpointHandler that records its file."""
+
+
+def _handler_registry() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
+    """The sealing handlers of a step's items, for saving and restoring."""
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    state, extra = _SealedStandardHandler(), _SealedJsonHandler()
+    for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+        registry.add(_STATE, args, state)
+    for args in (ocp.args.JsonSave, ocp.args.JsonRestore):
+        registry.add(_EXTRA, args, extra)
+    return registry
+
+
+def _save_args(state: PyTree, extra: Mapping[str, Any]) -> ocp.args.Composite:
+    return ocp.args.Composite(
+        **{_STATE: ocp.args.StandardSave(state), _EXTRA: ocp.args.JsonSave(dict(extra))}
     )
+
+
+def _restore_args(abstract_state: PyTree) -> ocp.args.Composite:
+    return ocp.args.Composite(
+        **{_STATE: ocp.args.StandardRestore(abstract_state), _EXTRA: ocp.args.JsonRestore()}
+    )
+
+
+def _score(metrics: Mapping[str, Any] | None) -> float:
+    """A step's rank for BestN and `best_step`; a step saved without a new best is last."""
+    return float((metrics or {}).get(_SCORE, -math.inf))
+
+
+def _preservation_policy(
+    max_to_keep: int, track_best: bool
+) -> checkpoint_managers.PreservationPolicy:
+    """Keeps the latest `max_to_keep` steps, and the best one when `track_best`."""
+    latest = checkpoint_managers.LatestN(n=max_to_keep)
+    if not track_best:
+        return latest
+    best = checkpoint_managers.BestN(get_metric_fn=_score, n=1)
+    return checkpoint_managers.AnyPreservationPolicy([latest, best])
 
 
 def saved_steps(directory: str | epath.PathLike) -> list[int]:
@@ -256,7 +252,7 @@ class Checkpointer:
 
     Args:
       workdir: the run's directory (local path or any path etils.epath understands).
-      save_interval_steps: `save` writes a latest checkpoint when `step` is a multiple.
+      save_interval_steps: `save` writes a checkpoint when `step` is a multiple.
       max_to_keep: how many latest checkpoints to keep.
       best_metric: the metric that picks the best checkpoint, or None to keep no best one.
       best_mode: "max" when higher `best_metric` is better, "min" when lower is.
@@ -274,54 +270,59 @@ class Checkpointer:
         if save_interval_steps < 1:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}.")
         self._workdir = absolute(workdir)
-        # The step of each manager's save in flight, for its `_sealer`.
-        self._saving = {LATEST_DIR: {"step": -1}, BEST_DIR: {"step": -1}}
-        self._latest = _manager(
-            self._workdir / LATEST_DIR,
-            self._saving[LATEST_DIR],
-            max_to_keep=max_to_keep,
-            save_decision_policy=checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
-        )
         self._best_metric = best_metric
         self._best_sign = 1.0 if best_mode == "max" else -1.0
-        self._best = None
-        if best_metric is not None:
-            self._best = _manager(
-                self._workdir / BEST_DIR,
-                self._saving[BEST_DIR],
-                max_to_keep=1,
-                best_fn=lambda metrics: metrics[best_metric],
-                best_mode=best_mode,
-            )
+        track_best = best_metric is not None
+        self._manager = ocp.CheckpointManager(
+            self._workdir / LATEST_DIR,
+            handler_registry=_handler_registry(),
+            options=ocp.CheckpointManagerOptions(
+                save_decision_policy=checkpoint_managers.FixedIntervalPolicy(save_interval_steps),
+                preservation_policy=_preservation_policy(max_to_keep, track_best),
+                # Makes orbax save each step's metrics and rank steps by them (`best_step`).
+                best_fn=_score if track_best else None,
+                cleanup_tmp_directories=True,
+            ),
+        )
         self._best_value = self._saved_best_value()
 
     def _saved_best_value(self) -> float | None:
-        step = None if self._best is None else self._best.best_step()
-        return None if step is None else float(self._best.metrics(step)[self._best_metric])
+        step = self._manager.best_step() if self._best_metric is not None else None
+        metrics = {} if step is None else self._manager.metrics(step) or {}
+        return metrics.get(self._best_metric)
 
     @property
     def best_value(self) -> float | None:
         """The best `best_metric` value saved so far (also across restarts), or None."""
         return self._best_value
 
-    def _managers(self) -> list[ocp.CheckpointManager]:
-        return [m for m in (self._latest, self._best) if m is not None]
-
     def latest_step(self) -> int | None:
-        """The newest saved step, latest or best, or None in a fresh workdir."""
-        steps = [m.latest_step() for m in self._managers()]
-        return max((s for s in steps if s is not None), default=None)
+        """The newest saved step, or None in a fresh workdir."""
+        return self._manager.latest_step()
+
+    def _new(self, step: int) -> bool:
+        newest = self._manager.latest_step()
+        return newest is None or step > newest
 
     def due(self, step: int) -> bool:
-        """Whether `save(step, ...)` writes a latest checkpoint without `force`."""
-        newest = self._latest.latest_step()
-        return (newest is None or step > newest) and self._latest.should_save(step)
+        """Whether `save(step, ...)` writes a checkpoint without `force` or a better metric."""
+        return self._new(step) and self._manager.should_save(step)
 
     def _improves(self, metrics: Mapping[str, Any] | None) -> bool:
-        if self._best is None or metrics is None or self._best_metric not in metrics:
+        if self._best_metric is None or metrics is None or self._best_metric not in metrics:
             return False
         value = float(metrics[self._best_metric])
         return self._best_value is None or self._best_sign * (value - self._best_value) > 0
+
+    def _orbax_metrics(self, best: float | None) -> dict[str, float] | None:
+        """What orbax records for a step: a new best value and its `_SCORE`, else `{}`.
+
+        Only improvements are ranked, so among equal values the first step to reach one
+        stays the best, and no best is kept while no evaluation has been saved.
+        """
+        if self._best_metric is None:
+            return None
+        return {} if best is None else {self._best_metric: best, _SCORE: self._best_sign * best}
 
     def save(
         self,
@@ -332,31 +333,25 @@ class Checkpointer:
         metrics: Mapping[str, Any] | None = None,
         force: bool = False,
     ) -> bool:
-        """Saves `state` and `extra` at `step` when due; returns whether anything was saved.
+        """Saves `state` and `extra` at `step` when due; returns whether it was saved.
 
-        A latest checkpoint is written when `step` is on the schedule or when `force` is
-        set, but never twice for one step. A best checkpoint is written, whatever the
-        schedule, when `metrics[best_metric]` beats every earlier value.
+        A checkpoint is written when `step` is on the schedule, when `force` is set, or
+        when `metrics[best_metric]` beats every earlier value, but never twice for one step.
         """
-        saved = False
-        newest = self._latest.latest_step()
-        if (newest is None or step > newest) and (force or self._latest.should_save(step)):
-            self._latest.wait_until_finished()  # one save in flight, whose step `_sealer` reads
-            self._saving[LATEST_DIR]["step"] = step
-            saved = self._latest.save(step, args=_save_args(state, extra), force=True)
-        if self._improves(metrics):
-            value = float(metrics[self._best_metric])
-            self._best.wait_until_finished()
-            self._saving[BEST_DIR]["step"] = step
-            self._best.save(
-                step, args=_save_args(state, extra), metrics={self._best_metric: value}, force=True
-            )
-            self._best_value = value
-            saved = True
-        return saved
+        if not self._new(step):
+            return False
+        best = float(metrics[self._best_metric]) if self._improves(metrics) else None
+        if not (force or best is not None or self._manager.should_save(step)):
+            return False
+        self._manager.save(
+            step, args=_save_args(state, extra), metrics=self._orbax_metrics(best), force=True
+        )
+        if best is not None:
+            self._best_value = best
+        return True
 
     def restore(self, target: PyTree) -> tuple[PyTree, dict[str, Any]] | None:
-        """Restores the newest usable checkpoint (latest or best) as `(state, extra)`.
+        """Restores the newest usable checkpoint as `(state, extra)`.
 
         A step that cannot be read (a file missing, truncated or changed, or orbax failing on
         it) is logged as an error naming the file, moved to ``workdir/corrupt/``, and the
@@ -377,54 +372,48 @@ class Checkpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         # Listed by every process before any step is set aside: that happens only once all
         # have agreed on the first step (in `_read_step`).
-        candidates = sorted(
-            ((step, rank) for rank, m in enumerate(self._managers()) for step in m.all_steps()),
-            key=lambda c: (-c[0], c[1]),
-        )
-        failed = []
-        for step, rank in candidates:
-            manager = self._managers()[rank]
-            restored, why = _read_step(manager, step, abstract)
+        candidates = sorted(self._manager.all_steps(), reverse=True)
+        for step in candidates:
+            restored, why = _read_step(self._manager, step, abstract)
             if why is None:
-                logging.info("Restored step %d from %s.", step, manager.directory)
+                logging.info("Restored step %d from %s.", step, self._manager.directory)
                 return restored[_STATE], restored[_EXTRA]
             logging.error(
                 "Checkpoint step %d in %s is unusable, falling back to the previous one: %s",
-                step, manager.directory, why,
+                step, self._manager.directory, why,
             )  # fmt: skip
-            failed.append(step)
-            self._set_aside(manager, step)
-        if failed:
+            self._set_aside(step)
+        if candidates:
             raise ValueError(
-                f"None of the checkpoints in {self._workdir} can be read (steps {failed}, now "
-                f"in {self._workdir / CORRUPT_DIR}); use a fresh --workdir to start over."
+                f"None of the checkpoints in {self._workdir} can be read (steps "
+                f"{sorted(candidates)}, now in {self._workdir / CORRUPT_DIR}); use a fresh "
+                "--workdir to start over."
             )
         return None
 
-    def _set_aside(self, manager: ocp.CheckpointManager, step: int) -> None:
-        """Moves an unusable step out of `manager`'s directory, so later saves may reuse it."""
-        source = manager.directory / str(step)
+    def _set_aside(self, step: int) -> None:
+        """Moves an unusable step out of the checkpoint directory, so a later save may reuse
+        its number; orbax's own `delete` would lose the files."""
+        source = self._manager.directory / str(step)
         if jax.process_index() == 0 and source.exists():
             aside = self._workdir / CORRUPT_DIR
             aside.mkdir(parents=True, exist_ok=True)
-            name, n = f"{manager.directory.name}_{step}", 1
+            name, n = f"{LATEST_DIR}_{step}", 1
             while (aside / name).exists():
-                name, n = f"{manager.directory.name}_{step}.{n}", n + 1
+                name, n = f"{LATEST_DIR}_{step}.{n}", n + 1
             source.rename(aside / name)
         if jax.process_count() > 1:
-            multihost_utils.sync_global_devices(f"bkd_jax set aside {manager.directory} {step}")
-        manager.reload()
+            multihost_utils.sync_global_devices(f"bkd_jax set aside {source}")
+        self._manager.reload()
         self._best_value = self._saved_best_value()
 
     def wait_until_finished(self) -> None:
         """Blocks until every asynchronous save has been written."""
-        for manager in self._managers():
-            manager.wait_until_finished()
+        self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Waits for pending saves and releases the managers."""
-        for manager in self._managers():
-            manager.close()
+        """Waits for pending saves and releases the manager."""
+        self._manager.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -477,6 +466,18 @@ def _load_standalone(directory: epath.Path) -> tuple[dict[str, Any], dict[str, A
     return restored[_VARIABLES], restored[_METADATA]
 
 
+def _step_reader() -> ocp.Checkpointer:
+    """Reads a step's items, metrics included (so orbax has no item it cannot read)."""
+    handler = ocp.CompositeCheckpointHandler(
+        **{
+            _STATE: ocp.PyTreeCheckpointHandler(),
+            _EXTRA: ocp.JsonCheckpointHandler(),
+            METRIC_ITEM_NAME: ocp.JsonCheckpointHandler(filename=METRIC_ITEM_NAME),
+        }
+    )
+    return ocp.Checkpointer(handler)
+
+
 def read_student(step_dir: str | epath.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     """The student variables and the extra dict of one step, e.g. workdir/checkpoints/100.
 
@@ -485,10 +486,7 @@ def read_student(step_dir: str | epath.PathLike) -> tuple[dict[str, Any], dict[s
     """
     step_dir = absolute(step_dir)
     verify_integrity(step_dir)
-    handler = ocp.CompositeCheckpointHandler(
-        **{_STATE: ocp.PyTreeCheckpointHandler(), _EXTRA: ocp.JsonCheckpointHandler()}
-    )
-    with ocp.Checkpointer(handler) as checkpointer:
+    with _step_reader() as checkpointer:
         tree = checkpointer.metadata(step_dir).item_metadata[_STATE].tree
         student = {
             col: {STUDENT: tree[col][STUDENT]}
@@ -505,26 +503,47 @@ def read_student(step_dir: str | epath.PathLike) -> tuple[dict[str, Any], dict[s
     return variables, restored[_EXTRA]
 
 
+def _best_step(directory: epath.Path, steps: list[int]) -> int | None:
+    """The step with the highest `_SCORE` in orbax's metrics, or None when none has one."""
+    scores = {}
+    with _step_reader() as checkpointer:
+        for step in steps:
+            try:
+                restored = checkpointer.restore(
+                    directory / str(step),
+                    args=ocp.args.Composite(**{METRIC_ITEM_NAME: ocp.args.JsonRestore()}),
+                )
+            except Exception:  # No metrics (no best metric tracked), or unreadable ones.
+                continue
+            scores[step] = _score(restored[METRIC_ITEM_NAME])
+    best = max(scores, key=lambda step: (scores[step], step), default=None)
+    return None if best is None or scores[best] == -math.inf else best
+
+
 def _load_student(workdir: epath.Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The student variables of a workdir's best checkpoint, else of its latest.
 
     Reads the step directories directly (no CheckpointManager), so nothing in the workdir
     is created or cleaned up: it may belong to a run still going, or be read-only.
     """
-    for kind in (BEST_DIR, LATEST_DIR):
-        for step in reversed(saved_steps(workdir / kind)):
-            step_dir = workdir / kind / str(step)
-            try:
-                variables, extra = read_student(step_dir)
-            except Exception as e:  # Any unreadable step falls back.
-                logging.error("Skipping checkpoint %s: %s", step_dir, _one_line(e))
-                continue
-            return variables, {
-                "checkpoint": kind,
-                "step": step,
-                "directory": str(step_dir),
-                "extra": extra,
-            }
+    directory = workdir / LATEST_DIR
+    steps = saved_steps(directory)
+    best = _best_step(directory, steps)
+    candidates = [(BEST, best)] if best is not None else []
+    candidates += [(LATEST, step) for step in reversed(steps) if step != best]
+    for kind, step in candidates:
+        step_dir = directory / str(step)
+        try:
+            variables, extra = read_student(step_dir)
+        except Exception as e:  # Any unreadable step falls back.
+            logging.error("Skipping checkpoint %s: %s", step_dir, _one_line(e))
+            continue
+        return variables, {
+            "checkpoint": kind,
+            "step": step,
+            "directory": str(step_dir),
+            "extra": extra,
+        }
     raise ValueError(f"{workdir} holds no checkpoint.")
 
 
@@ -535,7 +554,7 @@ def load_variables(path: str | epath.PathLike) -> tuple[dict[str, Any], dict[str
       path: a directory written by `save_variables`, or a training workdir written by
         `Checkpointer`; from a workdir, the student's variables of the best checkpoint
         (else the latest; an unreadable step is logged and skipped) are returned, with
-        metadata ``{"checkpoint": "best" | "checkpoints", "step": int, "directory": str,
+        metadata ``{"checkpoint": "best" | "latest", "step": int, "directory": str,
         "extra": dict}``.
 
     Returns:

@@ -74,7 +74,7 @@ def _describe_source(path: str, metadata: dict[str, Any]) -> str:
     if "checkpoint" not in metadata:
         return f"{path} (converted from {metadata.get('source', 'an unknown source')})"
     step, kind = metadata["step"], metadata["checkpoint"]
-    if kind != checkpointing.BEST_DIR:
+    if kind != checkpointing.BEST:
         return f"{metadata['directory']} (the latest checkpoint, step {step})"
     saved = checkpointing.saved_steps(epath.Path(path) / checkpointing.LATEST_DIR)
     latest = max(saved, default=None)
