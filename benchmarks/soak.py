@@ -33,8 +33,8 @@ def _rss_mib() -> float:
 def _sample(workdir: pathlib.Path, start: float) -> dict:
     metrics = workdir / "metrics.jsonl"
     lines = metrics.read_text().splitlines() if metrics.exists() else []
-    kinds = (checkpointing.LATEST_DIR, checkpointing.BEST_DIR)
-    dirs = [p for kind in kinds if (workdir / kind).is_dir() for p in (workdir / kind).iterdir()]
+    checkpoints = workdir / checkpointing.LATEST_DIR
+    dirs = list(checkpoints.iterdir()) if checkpoints.is_dir() else []
     return {
         "seconds": round(time.monotonic() - start, 1),
         "step": json.loads(lines[-1])["step"] if lines else 0,

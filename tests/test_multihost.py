@@ -261,12 +261,11 @@ def _stop_at(workdir: pathlib.Path, step: int) -> int:
     results go. Returns the step a rerun resumes from (the newest checkpoint left)."""
     (workdir / "results.json").unlink()
     left = []
-    for kind in (checkpointing.LATEST_DIR, checkpointing.BEST_DIR):
-        for saved in checkpointing.saved_steps(workdir / kind):
-            if saved > step:
-                shutil.rmtree(workdir / kind / str(saved))
-            else:
-                left.append(saved)
+    for saved in checkpointing.saved_steps(workdir / checkpointing.LATEST_DIR):
+        if saved > step:
+            shutil.rmtree(workdir / checkpointing.LATEST_DIR / str(saved))
+        else:
+            left.append(saved)
     return max(left)
 
 
