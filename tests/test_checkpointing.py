@@ -186,6 +186,34 @@ def test_load_variables_from_workdir_without_best_takes_latest(tmp_path):
     )
 
 
+def test_load_variables_reads_the_best_step_of_the_two_directory_layout(tmp_path):
+    """Workdirs of the earlier layout kept the best step in workdir/best, sealed by one
+    integrity.json for the whole step: still read, still checked."""
+    ckpt = checkpointing.Checkpointer(tmp_path, save_interval_steps=1, best_metric=None)
+    for step in (2, 4):
+        ckpt.save(step, _state(step), {"epoch": step})
+    ckpt.close()
+    legacy = tmp_path / checkpointing.LEGACY_BEST_DIR / "2"
+    legacy.parent.mkdir()
+    (tmp_path / "checkpoints" / "2").rename(legacy)
+    for record in legacy.glob(f"*/{checkpointing.INTEGRITY_FILE}"):
+        record.unlink()
+    checkpointing.write_integrity(legacy)
+    variables, metadata = checkpointing.load_variables(tmp_path)
+    assert (metadata["checkpoint"], metadata["step"]) == ("best", 2)
+    assert metadata["directory"] == str(legacy)
+    np.testing.assert_array_equal(
+        variables["batch_stats"]["block1"]["mean"], np.arange(4.0, dtype=np.float32) + 2
+    )
+    files = [p for p in legacy.glob("state/**/*") if p.is_file()]
+    damaged = max(files, key=lambda p: p.stat().st_size)
+    damaged.write_bytes(damaged.read_bytes()[:-1])
+    with pytest.raises(checkpointing.CorruptCheckpointError, match="bytes"):
+        checkpointing.verify_integrity(legacy)
+    _, metadata = checkpointing.load_variables(tmp_path)  # the damaged best is skipped
+    assert (metadata["checkpoint"], metadata["step"]) == ("latest", 4)
+
+
 def test_load_variables_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         checkpointing.load_variables(tmp_path / "nope")

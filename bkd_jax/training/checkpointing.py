@@ -55,6 +55,8 @@ from bkd_jax.training.run_files import atomic_write_text
 PyTree = Any
 
 LATEST_DIR = "checkpoints"  # the step directories, latest and best alike
+# Where workdirs of the earlier two-manager layout keep their best step; still read.
+LEGACY_BEST_DIR = "best"
 CORRUPT_DIR = "corrupt"
 INTEGRITY_FILE = "integrity.json"
 BEST, LATEST = "best", "latest"  # which kind of step `load_variables` read
@@ -132,7 +134,10 @@ def verify_integrity(step_dir: str | epath.PathLike) -> None:
       CorruptCheckpointError: naming the first file that is missing, has another size
         (truncated) or another checksum (changed) than when it was written.
     """
-    for record_path in sorted(epath.Path(step_dir).glob(f"*/{INTEGRITY_FILE}")):
+    step_dir = epath.Path(step_dir)
+    # One record for the whole step: how steps of the two-directory layout were sealed.
+    legacy = [step_dir / INTEGRITY_FILE] if (step_dir / INTEGRITY_FILE).exists() else []
+    for record_path in legacy + sorted(step_dir.glob(f"*/{INTEGRITY_FILE}")):
         _verify_record(record_path)
 
 
@@ -529,10 +534,12 @@ def _load_student(workdir: epath.Path) -> tuple[dict[str, Any], dict[str, Any]]:
     directory = workdir / LATEST_DIR
     steps = saved_steps(directory)
     best = _best_step(directory, steps)
-    candidates = [(BEST, best)] if best is not None else []
-    candidates += [(LATEST, step) for step in reversed(steps) if step != best]
-    for kind, step in candidates:
-        step_dir = directory / str(step)
+    candidates = [(BEST, step, directory / str(step)) for step in [best] if step is not None]
+    if best is None and (workdir / LEGACY_BEST_DIR).is_dir():
+        legacy = workdir / LEGACY_BEST_DIR
+        candidates += [(BEST, step, legacy / str(step)) for step in saved_steps(legacy)[::-1]]
+    candidates += [(LATEST, step, directory / str(step)) for step in steps[::-1] if step != best]
+    for kind, step, step_dir in candidates:
         try:
             variables, extra = read_student(step_dir)
         except Exception as e:  # Any unreadable step falls back.
