@@ -50,8 +50,8 @@ from absl import app, flags
 from bkd_jax import config_defaults, distillers, mfu, models, optim, steps
 from bkd_jax.models import cpu_conv
 from bkd_jax.training import sharding
+from bkd_jax.training.validation import DTYPES
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ABLATIONS = ("batch_stones", "remat", "dtype", "donate", "devices", "cpu_conv")
 STONE_OPTIONS = ("batch_stones", "remat")  # options that only change Block-KD methods
 RATIOS = (("blockkd", "kd"), ("blockkd_lite", "kd"), ("blockkd_lite", "blockkd"))

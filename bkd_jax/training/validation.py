@@ -12,6 +12,7 @@ import ml_collections
 from bkd_jax import distillers, models, optim
 from bkd_jax.training import nonfinite
 
+# The compute dtypes a config (and the bench's --dtype) may name.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
