@@ -38,7 +38,7 @@ import jax
 from absl import app, flags, logging
 
 from bkd_jax import bench, mfu
-from bkd_jax.sweep import load_config_file, packaged_config_file
+from bkd_jax.console import load_config_file, packaged_config_file
 from bkd_jax.training import loop, run_files
 
 METHODS = ("ce", "kd", "dkd", "blockkd", "blockkd_lite")

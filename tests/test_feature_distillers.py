@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from test_steps import build, distill_config, teacher_and_batch
 
-from bkd_jax import distillers, losses, models, sweep
+from bkd_jax import console, distillers, losses, models
 from bkd_jax.distillers import ofd
 from bkd_jax.distillers.feature_modules import first_stages, tap_shapes
 from bkd_jax.losses.feature import pool_to_smaller
@@ -218,7 +218,7 @@ def _zoo_stage_pairs():
     every pair of configs/cifar100.py (32 px) and configs/imagenet.py (224 px)."""
     configs = pathlib.Path(__file__).resolve().parents[1] / "configs"
     for name, side in (("cifar100", 32), ("imagenet", 224)):
-        for teacher, student in sweep.load_config_file(configs / f"{name}.py").PAIRS:
+        for teacher, student in console.load_config_file(configs / f"{name}.py").PAIRS:
             nets = (models.get_model(model, 10) for model in (student, teacher))
             s, t = (tap_shapes(net, (side, side, 3)) for net in nets)
             yield from zip(*first_stages(s.blocks, t.blocks))

@@ -41,13 +41,13 @@ TRAINER = (
 )
 
 _DRIVER = """
-import importlib, importlib.util, pathlib, sys
+import importlib, pathlib, sys
 heavy = {heavy!r}
 for name in {modules!r}:
     importlib.import_module(name)
+from bkd_jax.console import load_config_file
 for path in sorted(pathlib.Path("configs").glob("*.py")):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    load_config_file(path)
 print(sorted(m for m in sys.modules if m.split(".")[0] in heavy))
 """
 

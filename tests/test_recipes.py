@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bkd_jax import distillers, models, optim, steps, sweep
+from bkd_jax import console, distillers, models, optim, steps
 from bkd_jax.training.validation import validate_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -28,7 +28,7 @@ NUM_EXAMPLES = 100  # training-set size for methods with per-example state (CRD'
 
 @functools.cache
 def config_module(name: str):
-    return sweep.load_config_file(CONFIGS / f"{name}.py")
+    return console.load_config_file(CONFIGS / f"{name}.py")
 
 
 def recipe(name: str, pair: tuple[str, str], method: str):
