@@ -95,3 +95,16 @@ def base_config(dataset: str, *, teacher: str, student: str, method: str):
     config.tensorboard = True
     config.profile_steps = 0  # trace this many steps (after the first two) into workdir/profile
     return config
+
+
+def dkd_beta_knobs(betas: Mapping[tuple[str, str], float]) -> dict[str, dict]:
+    """Per-pair overrides `{method: {pair: updates}}` that set DKD's beta for `dkd` and for
+    the DKD term of `blockkd` and `blockkd_lite` (their `.dkd` knobs), so that a config's
+    per-pair betas of the authors reach every method that computes DKD."""
+
+    def updates(method: str, beta: float) -> dict:
+        knob = {"beta": beta} if method == "dkd" else {"dkd": {"beta": beta}}
+        return {"distill": {method: knob}}
+
+    methods = ("dkd", "blockkd", "blockkd_lite")
+    return {m: {pair: updates(m, b) for pair, b in betas.items()} for m in methods}
