@@ -200,7 +200,6 @@ class Bench:
         self.batch = self.random_batch(batch_size)
         teacher = models.get_model(pair[0], classes)
         self.teacher_vars = jax.jit(teacher.init)(jax.random.key(3), self.batch["image"][:1])
-        self.optim_config = config_defaults.optim_config(0.05, (150, 180, 210), 5e-4)
 
     def random_batch(self, batch_size: int) -> dict[str, jax.Array]:
         image_key, label_key, strong_key = jax.random.split(jax.random.key(batch_size), 3)
@@ -236,9 +235,9 @@ class Bench:
         batch = jax.device_put(self.random_batch(v.batch_size), split)
         teacher_vars = jax.device_put(self.teacher_vars, repl)
         distiller = self.distiller(v)
-        optimizer = optim.make_optimizer(
-            self.optim_config, steps_per_epoch=782, name=distillers.get(v.method).optimizer
-        )
+        required = distillers.get(v.method).optimizer
+        cfg = config_defaults.optim_config(0.05, (150, 180, 210), 5e-4, required or "sgd")
+        optimizer = optim.make_optimizer(cfg, 782, required)
         init = functools.partial(steps.create_train_state, distiller, optimizer)
         state = jax.jit(init, out_shardings=repl)(jax.random.key(1), batch["image"])
         step = steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(1.0))
