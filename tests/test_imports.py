@@ -16,7 +16,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 HEAVY = ("tensorflow", "tensorflow_datasets", "orbax")
 MODULES = (
     "bkd_jax.bench",
-    "bkd_jax.bench_gpu",
+    "bkd_jax.bench.gpu",
+    "bkd_jax.bench.mfu",
     "bkd_jax.config_defaults",
     "bkd_jax.models",
     "bkd_jax.blockwise",
