@@ -12,8 +12,8 @@ workdir) and fed from device memory. Each run reports its test top-1 (best and l
 wall time (start-up, compilation and evaluations included), its training rate in images
 per second (median of the logged intervals after the first, which holds the
 compilation) and its model FLOP utilisation (the step's FLOPs from XLA's cost analysis
-over its time, against `bkd_jax.mfu`'s peak of the device). With `--bench`, the time
-left of `--budget_minutes` then goes to `bkd_jax.bench_gpu`'s step table.
+over its time, against `bkd_jax.bench.mfu`'s peak of the device). With `--bench`, the time
+left of `--budget_minutes` then goes to `bkd_jax.bench.gpu`'s step table.
 
 Needs jax, flax, optax, orbax-checkpoint, absl-py, numpy, pillow and ml_collections; no
 TensorFlow or TFDS. Rerunning the command resumes an interrupted run and reuses finished
@@ -37,8 +37,9 @@ from typing import Any
 import jax
 from absl import app, flags, logging
 
-from bkd_jax import bench, mfu
-from bkd_jax.sweep import load_config_file, packaged_config_file
+from bkd_jax import bench
+from bkd_jax.bench import mfu
+from bkd_jax.console import load_config_file, packaged_config_file
 from bkd_jax.training import loop, run_files
 
 METHODS = ("ce", "kd", "dkd", "blockkd", "blockkd_lite")
@@ -57,7 +58,7 @@ def define_flags() -> None:
     # Not --methods: bkd_jax.bench, imported here, defines that flag.
     flags.DEFINE_list("students", list(METHODS), "Student methods, in table order.")
     flags.DEFINE_bool("smoke", False, "resnet8s, two steps per run: a check on any machine.")
-    flags.DEFINE_bool("bench", False, "Then bkd_jax.bench_gpu in the time left.")
+    flags.DEFINE_bool("bench", False, "Then bkd_jax.bench.gpu in the time left.")
     flags.DEFINE_float("budget_minutes", 8.0, "The whole study's time, for --bench.")
 
 
@@ -156,16 +157,16 @@ def table(rows: Sequence[dict[str, Any]], config: Any, header: bool = True) -> s
 
 
 def run_bench(workdir: pathlib.Path, seconds_left: float, smoke: bool) -> None:
-    """`bkd_jax.bench_gpu` in a process of its own (it limits JAX's share of the memory
+    """`bkd_jax.bench.gpu` in a process of its own (it limits JAX's share of the memory
     before JAX starts), stopped when the time is up."""
     if seconds_left < 60:
-        print(f"No time left for bkd_jax.bench_gpu ({seconds_left:.0f} s).")
+        print(f"No time left for bkd_jax.bench.gpu ({seconds_left:.0f} s).")
         return
-    command = [sys.executable, "-m", "bkd_jax.bench_gpu", f"--out={workdir / 'bench_gpu.md'}"]
+    command = [sys.executable, "-m", "bkd_jax.bench.gpu", f"--out={workdir / 'bench_gpu.md'}"]
     try:
         subprocess.run(command + (["--smoke"] if smoke else []), timeout=seconds_left, check=True)
     except subprocess.TimeoutExpired:
-        print("bkd_jax.bench_gpu stopped: the time budget is spent (its tables so far are above).")
+        print("bkd_jax.bench.gpu stopped: the time budget is spent (its tables so far are above).")
 
 
 def main(argv: list[str]) -> None:

@@ -41,10 +41,10 @@ def distill_config(method: str) -> ml_collections.ConfigDict:
     return distillers.default_config(method)
 
 
-def optim_config(learning_rate: float, decay_epochs, weight_decay: float):
+def optim_config(learning_rate: float, decay_epochs, weight_decay: float, name: str = "sgd"):
     return ml_collections.ConfigDict(
         {
-            "name": "sgd",  # sgd | dot | adamw (a method may require one: dot requires dot)
+            "name": name,  # sgd | dot | adamw (a method may require one: dot requires dot)
             "learning_rate": learning_rate,
             "schedule": "step",  # step (mdistiller's) | cosine; see bkd_jax/optim.py
             "momentum": 0.9,
@@ -80,7 +80,9 @@ def base_config(dataset: str, *, teacher: str, student: str, method: str):
     config.student_checkpoint = config_dict.placeholder(str)
     config.eval_only = False  # one pass over the eval split, no training
     config.distill = distill_config(method)
-    config.optim = optim_config(0.05, (150, 180, 210), 5e-4)
+    # A method that is its own optimiser (DOT) names it; validation refuses another.
+    optimizer = distillers.get(method).optimizer or "sgd"
+    config.optim = optim_config(0.05, (150, 180, 210), 5e-4, optimizer)
     config.num_epochs = 240
     config.num_train_steps = config_dict.placeholder(int)  # overrides num_epochs when set
     config.global_batch_size = 64
@@ -95,3 +97,16 @@ def base_config(dataset: str, *, teacher: str, student: str, method: str):
     config.tensorboard = True
     config.profile_steps = 0  # trace this many steps (after the first two) into workdir/profile
     return config
+
+
+def dkd_beta_knobs(betas: Mapping[tuple[str, str], float]) -> dict[str, dict]:
+    """Per-pair overrides `{method: {pair: updates}}` that set DKD's beta for `dkd` and for
+    the DKD term of `blockkd` and `blockkd_lite` (their `.dkd` knobs), so that a config's
+    per-pair betas of the authors reach every method that computes DKD."""
+
+    def updates(method: str, beta: float) -> dict:
+        knob = {"beta": beta} if method == "dkd" else {"dkd": {"beta": beta}}
+        return {"distill": {method: knob}}
+
+    methods = ("dkd", "blockkd", "blockkd_lite")
+    return {m: {pair: updates(m, b) for pair, b in betas.items()} for m in methods}

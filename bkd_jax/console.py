@@ -5,6 +5,8 @@ not after TensorFlow and orbax have loaded and not as a 50-line traceback. So th
 imports neither: it checks the `--config` argument and its `--config.field=value`
 overrides when flag parsing fails (an unknown field gets "did you mean"), and checks that
 the data set's folder exists before the input pipeline is imported.
+Config files are found (`packaged_config_file`) and loaded (`load_config_file`) here,
+for every command and test that reads one.
 
 Logging: the commands and notebooks show bkd_jax's own INFO lines (the run, resuming, the
 final accuracies), the libraries' warnings and errors, and not the libraries' INFO lines
@@ -24,6 +26,7 @@ import re
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from types import ModuleType
 from typing import Any
 
 import ml_collections
@@ -175,6 +178,25 @@ def _flag_value(argv: Sequence[str], name: str) -> str | None:
     return value
 
 
+def packaged_config_file(name: str) -> pathlib.Path:
+    """The path of config file `name` of configs/: installed as the package bkd_jax.configs,
+    or beside bkd_jax/ in a checkout used without installing."""
+    spec = importlib.util.find_spec("bkd_jax.configs")
+    if spec is not None and spec.origin is not None:
+        return pathlib.Path(spec.origin).parent / name
+    return pathlib.Path(__file__).resolve().parents[1] / "configs" / name
+
+
+def load_config_file(path: str | pathlib.Path) -> ModuleType:
+    """A config file as a module; configs/ is a folder of files, not a package."""
+    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"cannot load config file {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def explain_config_error(argv: Sequence[str], flag: str = "config") -> str | None:
     """What is wrong with `--config=FILE[:ARGS]` or a `--config.field=value` in `argv`.
 
@@ -189,10 +211,7 @@ def explain_config_error(argv: Sequence[str], flag: str = "config") -> str | Non
     if not os.path.isfile(path):
         return _missing_file(path, flag)
     try:
-        spec = importlib.util.spec_from_file_location(f"{flag}_config", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config = module.get_config(*arg)
+        config = load_config_file(path).get_config(*arg)
     except Exception as e:  # any failure of the user's file is the answer
         return f"--{flag}={value}: {type(e).__name__}: {e}"
     prefix = f"--{flag}."

@@ -35,7 +35,7 @@ import jax
 from absl import app, flags, logging
 
 from bkd_jax import console, distillers, report
-from bkd_jax.sweep import load_config_file, packaged_config_file
+from bkd_jax.console import load_config_file, packaged_config_file
 from bkd_jax.training import run_files
 
 with console.quiet_native_logs():  # TensorFlow's INFO lines as it loads

@@ -136,20 +136,30 @@ def dot(
     return SplitGradientTransformation(init, update)
 
 
+def check_optimizer(name: str, required: str | None = None, method: str = "the method") -> None:
+    """Raises ValueError unless `name` is an optimiser and, when a method requires one
+    (`Method.optimizer`: DOT is its own optimiser), that one; a config naming another is
+    refused rather than silently replaced."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"config.optim.name must be one of {OPTIMIZERS}, got {name!r}")
+    if required is not None and name != required:
+        raise ValueError(f"{method} requires config.optim.name={required!r}, got {name!r}")
+
+
 def make_optimizer(
-    cfg, steps_per_epoch: int, name: str | None = None, total_steps: int | None = None
+    cfg, steps_per_epoch: int, required: str | None = None, total_steps: int | None = None
 ) -> optax.GradientTransformation | SplitGradientTransformation:
-    """The optimizer `name` (default `cfg.name`) of an `optim` config.
+    """The optimizer `cfg.name` of an `optim` config.
 
     "sgd": SGD (momentum, nesterov off by default) with weight decay on every parameter.
     "dot": DOT with the same learning rate, momentum and weight decay, and `cfg.dot_delta`.
     "adamw": AdamW with `cfg.b1`, `cfg.b2`, `cfg.eps`, decay `cfg.weight_decay` masked by
     `decay_mask`.
-    `total_steps` is the length of the run (the cosine schedule needs it).
+    `required` is the optimiser the method requires (`check_optimizer`), `total_steps` the
+    length of the run (the cosine schedule needs it).
     """
-    name = name or cfg.get("name", "sgd")
-    if name not in OPTIMIZERS:
-        raise ValueError(f"config.optim.name must be one of {OPTIMIZERS}, got {name!r}")
+    name = cfg.get("name", "sgd")
+    check_optimizer(name, required)
     schedule = learning_rate_schedule(cfg, steps_per_epoch, total_steps)
     if name == "dot":
         return dot(schedule, cfg.momentum, cfg.dot_delta, cfg.weight_decay)

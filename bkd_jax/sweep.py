@@ -33,7 +33,6 @@ JAX_COMPILATION_CACHE_DIR is set.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import pathlib
 import shlex
@@ -46,28 +45,10 @@ from types import ModuleType
 from absl import app, flags
 
 from bkd_jax import distillers, report
+from bkd_jax.console import load_config_file
 from bkd_jax.training import config_guard
 
 TEACHERS_DIR = "teachers"
-
-
-def packaged_config_file(name: str) -> pathlib.Path:
-    """The path of config file `name` of configs/: installed as the package bkd_jax.configs,
-    or beside bkd_jax/ in a checkout used without installing."""
-    spec = importlib.util.find_spec("bkd_jax.configs")
-    if spec is not None and spec.origin is not None:
-        return pathlib.Path(spec.origin).parent / name
-    return pathlib.Path(__file__).resolve().parents[1] / "configs" / name
-
-
-def load_config_file(path: str | pathlib.Path) -> ModuleType:
-    """A config file as a module; configs/ is a folder of files, not a package."""
-    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
-    if spec is None or spec.loader is None:
-        raise ValueError(f"cannot load config file {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def config_argument(

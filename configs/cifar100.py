@@ -39,7 +39,7 @@ reports gains over DKD on this pair.
 
 from __future__ import annotations
 
-from bkd_jax.config_defaults import base_config, override, parse_arguments
+from bkd_jax.config_defaults import base_config, dkd_beta_knobs, override, parse_arguments
 
 PAIRS = (
     ("resnet56", "resnet20"),
@@ -120,11 +120,7 @@ def _solver(lr: float, epochs: int) -> dict:
 
 # Per-pair overrides of `config`, by method: {method: {pair: {field: value}}}.
 PAIR_KNOBS = {
-    "dkd": {pair: {"distill": {"dkd": {"beta": b}}} for pair, b in _DKD_BETA.items()},
-    **{
-        m: {pair: {"distill": {m: {"dkd": {"beta": b}}}} for pair, b in _DKD_BETA.items()}
-        for m in ("blockkd", "blockkd_lite")
-    },
+    **dkd_beta_knobs(_DKD_BETA),
     # SOLVER.DOT.DELTA of configs/cifar100/dot/{res32x4_res8x4,res32x4_shuv2,vgg13_vgg8}.yaml.
     "dot": {
         pair: {"optim": {"dot_delta": 0.075}}

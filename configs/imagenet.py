@@ -27,7 +27,7 @@ code): ResNet34 teacher 73.31; ResNet18 with CE 69.76, KD 70.66, DKD 71.70, DOT 
 
 from __future__ import annotations
 
-from bkd_jax.config_defaults import base_config, override, parse_arguments
+from bkd_jax.config_defaults import base_config, dkd_beta_knobs, override, parse_arguments
 
 PAIRS = (
     ("imagenet_resnet34", "imagenet_resnet18"),
@@ -72,11 +72,7 @@ PAIR_KNOBS = {
     **{m: {PAIRS[1]: {"distill": {m: knobs}}} for m, knobs in _WKD_R50_MV1.items()},
     # mdistiller configs/imagenet/r50_mv1/reviewkd.yaml: REVIEWKD_WEIGHT 8, MAX_MID_CHANNEL 256.
     "reviewkd": {PAIRS[1]: {"distill": {"reviewkd": {"feat_weight": 8.0, "max_mid_channel": 256}}}},
-    "dkd": {pair: {"distill": {"dkd": {"beta": b}}} for pair, b in _DKD_BETA.items()},
-    **{
-        m: {pair: {"distill": {m: {"dkd": {"beta": b}}}} for pair, b in _DKD_BETA.items()}
-        for m in ("blockkd", "blockkd_lite")
-    },
+    **dkd_beta_knobs(_DKD_BETA),
     # OFD.LOSS.FEAT_WEIGHT of mdistiller configs/imagenet/r50_mv1/ofd.yaml (r34_r18 has none).
     "ofd": {PAIRS[1]: {"distill": {"ofd": {"feat_weight": 0.0001}}}},
 }

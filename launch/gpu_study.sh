@@ -15,7 +15,7 @@
 #
 # The teacher and five students take about 8 minutes of one H200 by design (the schedule is
 # in configs/cifar10_study.py); --bench spends what is left of --budget_minutes (default 8)
-# on bkd_jax.bench_gpu's step table. The table lands in runs/study/study.md. Rerunning
+# on bkd_jax.bench.gpu's step table. The table lands in runs/study/study.md. Rerunning
 # resumes. Arguments: DATA (default cifar10-jpeg.tar.gz), WORKDIR (default runs/study),
 # WHEELS (default wheels); further arguments go to the study.
 set -euo pipefail

@@ -12,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from bkd_jax import bench, mfu, models
+from bkd_jax import bench, models
+from bkd_jax.bench import mfu
 from bkd_jax.training import sharding
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -135,7 +136,7 @@ def test_step_split_over_two_cpu_devices_computes_the_same():
 
 def test_torch_reference_models_match_the_zoo_and_kd_formula():
     torch = pytest.importorskip("torch")
-    from bkd_jax import bench_torch
+    from bkd_jax.bench import torch_reference
 
     for name, size in (("resnet8x4", 32), ("resnet32", 32), ("imagenet_resnet18", 64)):
         net = models.get_model(name, 100)
@@ -143,22 +144,22 @@ def test_torch_reference_models_match_the_zoo_and_kd_formula():
             net.init, jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, 3), np.float32)
         )
         zoo = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
-        ref = sum(p.numel() for p in bench_torch.make_model(name, 100).parameters())
+        ref = sum(p.numel() for p in torch_reference.make_model(name, 100).parameters())
         assert ref == zoo, name
     # tau^2 KL(p_t || p_s) at tau = 4 for logits (0, 0) vs (0, 4 ln 3): p_t = (1/2, 1/2),
     # p_s = (1/4, 3/4) -> 16 (1/2 ln 2 + 1/2 ln(2/3)).
     student = torch.tensor([[0.0, 4 * math.log(3.0)]])
     teacher = torch.zeros(1, 2)
     want = 16 * (0.5 * math.log(2.0) + 0.5 * math.log(2.0 / 3.0))
-    assert bench_torch.kd(student, teacher).item() == pytest.approx(want, rel=1e-5)
+    assert torch_reference.kd(student, teacher).item() == pytest.approx(want, rel=1e-5)
 
 
 def test_torch_reference_steps_run_and_lower_their_loss():
     pytest.importorskip("torch")
-    from bkd_jax import bench_torch
+    from bkd_jax.bench import torch_reference
 
-    for method in bench_torch.METHODS:
-        step = bench_torch.ReferenceStep(method, ("resnet8", "resnet8"), 8, 16, 10)
+    for method in torch_reference.METHODS:
+        step = torch_reference.ReferenceStep(method, ("resnet8", "resnet8"), 8, 16, 10)
         first = step().item()
         for _ in range(3):
             last = step().item()
@@ -168,7 +169,7 @@ def test_torch_reference_steps_run_and_lower_their_loss():
 def test_gpu_script_smoke_mode(tmp_path):
     out = tmp_path / "gpu.md"
     result = subprocess.run(
-        [sys.executable, "-m", "bkd_jax.bench_gpu", "--smoke", f"--out={out}"],
+        [sys.executable, "-m", "bkd_jax.bench.gpu", "--smoke", f"--out={out}"],
         cwd=REPO, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -184,13 +185,34 @@ def test_gpu_script_smoke_mode(tmp_path):
 
 def test_input_bench_runs_the_pipeline_on_generated_jpegs(tmp_path):
     pytest.importorskip("tensorflow")
-    from bkd_jax import bench_input
+    from bkd_jax.bench import input as input_bench
 
-    measured = bench_input.rows(tmp_path, None, count=1)
+    measured = input_bench.rows(tmp_path, None, count=1)
     assert [what for _, what, *_ in measured][:8] == [
         "pad-crop-flip (train)",
         "random-resized crop 224, window decoded (train)",
         "resize 256, centre crop 224 (eval)",
-        *(f"stage: {stage}" for stage in bench_input.CROP_STAGES),
+        *(f"stage: {stage}" for stage in input_bench.CROP_STAGES),
     ]
     assert all(rate > 0 and per_core > 0 for *_, rate, per_core in measured)
+
+
+@pytest.mark.parametrize(
+    "command, flag",
+    [
+        ("bkd_jax.bench", "--pair"),
+        ("bkd_jax.bench.gpu", "--smoke"),
+        ("bkd_jax.bench.input", "--cifar_tarball"),
+    ],
+)
+def test_the_package_commands_run_with_their_own_flags(command, flag):
+    if command.endswith("input"):
+        pytest.importorskip("tensorflow")
+    result = subprocess.run(
+        [sys.executable, "-m", command, "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert flag in result.stdout, result.stderr[-3000:]  # absl's --help exits with 1

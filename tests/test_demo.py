@@ -12,11 +12,11 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from bkd_jax import demo, report, sweep
+from bkd_jax import console, demo, report
 from bkd_jax.training import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-get_config = sweep.load_config_file(ROOT / "configs" / "demo.py").get_config
+get_config = console.load_config_file(ROOT / "configs" / "demo.py").get_config
 
 
 def test_teacher_config_trains_on_all_digits():

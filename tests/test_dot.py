@@ -36,7 +36,7 @@ def test_dot_method_feeds_the_task_and_distillation_gradients_apart():
     distiller = distillers.make_distiller(
         config_defaults.distill_config("dot"), student, teacher, SHAPE
     )
-    cfg = config_defaults.optim_config(0.05, (), weight_decay=0.0)
+    cfg = config_defaults.optim_config(0.05, (), weight_decay=0.0, name="dot")
     optimizer = optim.make_optimizer(cfg, 10, distillers.get("dot").optimizer)
     assert isinstance(optimizer, optim.SplitGradientTransformation)
     state = steps.create_train_state(distiller, optimizer, jax.random.key(0), batch["image"])

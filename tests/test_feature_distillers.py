@@ -10,6 +10,7 @@ checks against the papers' formulas.
 from __future__ import annotations
 
 import math
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +18,10 @@ import numpy as np
 import pytest
 from test_steps import build, distill_config, teacher_and_batch
 
-from bkd_jax import distillers, losses, models
+from bkd_jax import console, distillers, losses, models
 from bkd_jax.distillers import ofd
+from bkd_jax.distillers.feature_modules import first_stages, tap_shapes
+from bkd_jax.losses.feature import pool_to_smaller
 
 METHODS = ("fitnet", "at", "nst", "pkt", "kdsvd", "rkd", "sp", "vid", "ofd")
 CROSS_PAIRS = (
@@ -208,6 +211,30 @@ def test_models_that_do_not_pair_are_a_build_error_naming_the_tensors():
         _distillers(["fitnet"], "resnet8", "imagenet_resnet18")
     with pytest.raises(ValueError, match="no margins for a shufflenetv1 teacher"):
         _distillers(["ofd"], "shufflenetv1", "resnet8")
+
+
+def _zoo_stage_pairs():
+    """(student, teacher) per-example shapes of every stage AT, NST and KD-SVD pair, for
+    every pair of configs/cifar100.py (32 px) and configs/imagenet.py (224 px)."""
+    configs = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    for name, side in (("cifar100", 32), ("imagenet", 224)):
+        for teacher, student in console.load_config_file(configs / f"{name}.py").PAIRS:
+            nets = (models.get_model(model, 10) for model in (student, teacher))
+            s, t = (tap_shapes(net, (side, side, 3)) for net in nets)
+            yield from zip(*first_stages(s.blocks, t.blocks))
+
+
+def test_pooling_the_taller_map_is_pooling_the_larger_area_for_every_zoo_pair():
+    """mdistiller's height rule and an area rule pool the same map to the same size."""
+    pooled = 0
+    for s_shape, t_shape in _zoo_stage_pairs():
+        s_hw, t_hw = s_shape[:2], t_shape[:2]
+        by_area = min(s_hw, t_hw, key=lambda hw: hw[0] * hw[1])
+        fs, ft = (jax.ShapeDtypeStruct((1, *shape), jnp.float32) for shape in (s_shape, t_shape))
+        out_s, out_t = jax.eval_shape(pool_to_smaller, fs, ft)
+        assert out_s.shape[1:3] == out_t.shape[1:3] == by_area, (s_shape, t_shape)
+        pooled += s_hw != t_hw
+    assert pooled > 0  # some zoo pairs do pool: the check is not vacuous
 
 
 def test_unequal_stage_counts_pair_the_first_or_the_last_stages_as_mdistiller():

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import pytest
 from test_recipes import CONFIGS
 
-from bkd_jax import distillers, steps, sweep, text_train
+from bkd_jax import console, distillers, steps, text_train
 from bkd_jax.models import bert
 
-glue = sweep.load_config_file(CONFIGS / "glue.py")
+glue = console.load_config_file(CONFIGS / "glue.py")
 METHODS = ("ce", "kd", "dkd", "dist", "wttm", "blockkd", "blockkd_lite")
 
 

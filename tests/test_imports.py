@@ -16,7 +16,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 HEAVY = ("tensorflow", "tensorflow_datasets", "orbax")
 MODULES = (
     "bkd_jax.bench",
-    "bkd_jax.bench_gpu",
+    "bkd_jax.bench.gpu",
+    "bkd_jax.bench.mfu",
     "bkd_jax.config_defaults",
     "bkd_jax.models",
     "bkd_jax.blockwise",
@@ -41,13 +42,13 @@ TRAINER = (
 )
 
 _DRIVER = """
-import importlib, importlib.util, pathlib, sys
+import importlib, pathlib, sys
 heavy = {heavy!r}
 for name in {modules!r}:
     importlib.import_module(name)
+from bkd_jax.console import load_config_file
 for path in sorted(pathlib.Path("configs").glob("*.py")):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    load_config_file(path)
 print(sorted(m for m in sys.modules if m.split(".")[0] in heavy))
 """
 

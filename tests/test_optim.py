@@ -9,7 +9,8 @@ import optax
 import pytest
 
 from bkd_jax import optim
-from bkd_jax.config_defaults import optim_config
+from bkd_jax.config_defaults import base_config, optim_config
+from bkd_jax.training.validation import validate_config
 
 
 def _cfg(schedule, warmup_epochs=0.0, decay_epochs=(2, 3)):
@@ -130,3 +131,23 @@ def test_adamw_two_updates_by_hand_with_decay_masked_off_biases_and_tokens():
     for name, value in got.items():
         np.testing.assert_allclose(np.asarray(value), w[name], rtol=1e-6, err_msg=name)
     assert w["kernel"] != w["bias"]  # the decay made a difference
+
+
+def _optim_of(method: str):
+    return base_config("cifar100", teacher="resnet32x4", student="resnet8x4", method=method).optim
+
+
+def test_a_method_that_is_its_own_optimiser_is_named_in_the_config():
+    assert (_optim_of("dot").name, _optim_of("kd").name) == ("dot", "sgd")
+    tx = optim.make_optimizer(_optim_of("dot"), 10, "dot")
+    assert isinstance(tx, optim.SplitGradientTransformation)
+
+
+def test_another_optimiser_for_such_a_method_is_refused_in_one_line():
+    config = base_config("cifar100", teacher="resnet32x4", student="resnet8x4", method="dot")
+    config.optim.name = "sgd"
+    message = r"requires config.optim.name='dot', got 'sgd'$"
+    with pytest.raises(ValueError, match=rf"^method 'dot' {message}"):
+        validate_config(config)
+    with pytest.raises(ValueError, match=message):
+        optim.make_optimizer(config.optim, 10, "dot")

@@ -56,8 +56,9 @@ def test_readme_distiller_registers_and_trains_ten_steps(tmp_path):
 def test_readme_commands_name_existing_modules_and_configs():
     text = README.read_text()
     root = README.parent
-    for module in set(re.findall(r"python -m (bkd_jax\.\w+)", text)):
-        assert (root / (module.replace(".", "/") + ".py")).is_file(), module
+    for module in set(re.findall(r"python -m (bkd_jax(?:\.\w+)+)", text)):
+        path = root / module.replace(".", "/")
+        assert path.with_suffix(".py").is_file() or (path / "__main__.py").is_file(), module
     for config in set(re.findall(r"(configs/\w+\.py)", text)):
         assert (root / config).is_file(), config
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bkd_jax import distillers, models, optim, steps, sweep
+from bkd_jax import console, distillers, models, optim, steps
 from bkd_jax.training.validation import validate_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -28,7 +28,7 @@ NUM_EXAMPLES = 100  # training-set size for methods with per-example state (CRD'
 
 @functools.cache
 def config_module(name: str):
-    return sweep.load_config_file(CONFIGS / f"{name}.py")
+    return console.load_config_file(CONFIGS / f"{name}.py")
 
 
 def recipe(name: str, pair: tuple[str, str], method: str):
@@ -116,3 +116,21 @@ def test_every_method_runs_one_jitted_step_of_a_cifar_recipe(method):
     step = jax.jit(steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(1.0)))
     new_state, metrics = step(state, teacher_vars, batch)
     assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 1
+
+
+@pytest.mark.parametrize(
+    "name, pair, beta",
+    [
+        # DKD.BETA of mdistiller configs/cifar100/dkd/<pair>.yaml and configs/imagenet/<pair>/
+        # dkd.yaml; resnet32x4 -> resnet8x4 has none and keeps CFG.DKD.BETA = 8.
+        ("cifar100", ("resnet56", "resnet20"), 2.0),
+        ("cifar100", ("vgg13", "vgg8"), 6.0),
+        ("cifar100", ("resnet32x4", "resnet8x4"), 8.0),
+        ("imagenet", ("imagenet_resnet34", "imagenet_resnet18"), 0.5),
+        ("imagenet", ("imagenet_resnet50", "imagenet_mobilenetv1"), 2.0),
+    ],
+)
+def test_a_pairs_dkd_beta_reaches_dkd_and_the_dkd_term_of_block_kd(name, pair, beta):
+    assert recipe(name, pair, "dkd").distill.dkd.beta == beta
+    for method in ("blockkd", "blockkd_lite"):
+        assert recipe(name, pair, method).distill[method].dkd.beta == beta

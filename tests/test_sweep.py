@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from bkd_jax import report, sweep
+from bkd_jax import console, report, sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -138,7 +138,7 @@ def test_sweep_on_digits_finishes_skips_when_rerun_and_resumes(tmp_path):
 
     # An interrupted run (here: its results gone, its checkpoints kept) resumes.
     (root / NAMES[2] / "results.json").unlink()
-    module = sweep.load_config_file(ROOT / "configs" / "demo.py")
+    module = console.load_config_file(ROOT / "configs" / "demo.py")
     plan = sweep.plan(module, root, [("resnet8", "resnet8")], ["kd"], [0, 1])
     commands = [sweep.command(r, "configs/demo.py", ["--config.num_epochs=1"]) for r in plan]
     lines: list[str] = []

@@ -86,15 +86,6 @@ def pool_to(x: jax.Array, hw: Sequence[int]) -> jax.Array:
     return adaptive_avg_pool(x, tuple(hw))
 
 
-def pool_to_smaller(fs: jax.Array, ft: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The two maps, the one of larger spatial size pooled to the other's (as AT does)."""
-    if fs.shape[1:3] == ft.shape[1:3]:
-        return fs, ft
-    if fs.shape[1] * fs.shape[2] > ft.shape[1] * ft.shape[2]:
-        return pool_to(fs, ft.shape[1:3]), ft
-    return fs, pool_to(ft, fs.shape[1:3])
-
-
 def check_knobs(
     method: str,
     k: Mapping[str, Any],

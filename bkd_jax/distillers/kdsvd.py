@@ -22,8 +22,8 @@ from bkd_jax.distillers.feature_modules import (
     feature_method,
     feature_objective,
     first_stages,
-    pool_to_smaller,
 )
+from bkd_jax.losses.feature import pool_to_smaller
 
 
 def knobs() -> dict:

@@ -158,8 +158,12 @@ def adaptive_avg_pool(x: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
     return _einsum("ih,nhwc,jw->nijc", ph, x, pw)
 
 
-def _pool_to_smaller(fs: jax.Array, ft: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Pools whichever map has the larger height to the other's spatial size (AT, NST)."""
+def pool_to_smaller(fs: jax.Array, ft: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The two NHWC maps, the one of greater height average-pooled to the other's size.
+
+    mdistiller's AT and NST (distillers/AT.py, NST.py) compare heights (`if s_H > t_H`);
+    the zoo's maps are square, so this is also the larger area.
+    """
     if fs.shape[1] > ft.shape[1]:
         fs = adaptive_avg_pool(fs, ft.shape[1:3])
     elif fs.shape[1] < ft.shape[1]:
@@ -213,7 +217,7 @@ def at_loss(
     total = jnp.zeros((), jnp.float32)
     for fs, ft in zip(student_feats, teacher_feats):
         _check_maps(fs, ft, "at_loss")
-        fs, ft = _pool_to_smaller(_f32(fs), _teacher(ft))
+        fs, ft = pool_to_smaller(_f32(fs), _teacher(ft))
         total += jnp.mean(jnp.square(_attention_map(fs, p) - _attention_map(ft, p)))
     return total
 
@@ -234,7 +238,7 @@ def nst_loss(student_feats: Sequence[jax.Array], teacher_feats: Sequence[jax.Arr
     total = jnp.zeros((), jnp.float32)
     for fs, ft in zip(student_feats, teacher_feats):
         _check_maps(fs, ft, "nst_loss")
-        fs, ft = _pool_to_smaller(_f32(fs), _teacher(ft))
+        fs, ft = pool_to_smaller(_f32(fs), _teacher(ft))
         s, t = _channel_maps(fs), _channel_maps(ft)
         total += _poly_kernel_mean(t, t) + _poly_kernel_mean(s, s) - 2 * _poly_kernel_mean(s, t)
     return total

@@ -77,9 +77,6 @@ def _shortcut(unit: BasicBlock | Bottleneck, x: jnp.ndarray, train: bool) -> jnp
     return batch_norm(train, dtype=dtype, name=f"{name}_1")(x)
 
 
-STEMS = ("cifar", "imagenet")
-
-
 class Stage(nn.Module):
     """`layerK`: `num_units` units, the first strided; block 1 runs the stem first.
 

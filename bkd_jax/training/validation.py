@@ -12,6 +12,7 @@ import ml_collections
 from bkd_jax import distillers, models, optim
 from bkd_jax.training import nonfinite
 
+# The compute dtypes a config (and the bench's --dtype) may name.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -25,10 +26,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"unknown model {name!r}; known: {', '.join(models.available())}")
     if config.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {config.dtype!r}")
-    if config.optim.name not in optim.OPTIMIZERS:
-        raise ValueError(
-            f"config.optim.name must be one of {optim.OPTIMIZERS}, got {config.optim.name!r}"
-        )
+    optim.check_optimizer(config.optim.name, method.optimizer, f"method {method.name!r}")
     if method.needs_teacher and not config.teacher_checkpoint:
         raise ValueError(
             f"method {method.name!r} distils from a teacher: set "

@@ -1,6 +1,6 @@
 r"""Benchmark of the input pipeline alone: images/s, and images per second of one core.
 
-  python -m bkd_jax.bench --input [--input_batches=20] [--cifar_tarball=PATH]
+  python -m bkd_jax.bench.input [--batches=20] [--cifar_tarball=PATH]
 
 Runs the real `bkd_jax.data.pipeline` functions (`train_batches`, `eval_batches`) on an
 image folder in a temporary directory and pulls batches as fast as they come, with no
@@ -34,22 +34,28 @@ import pathlib
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
+from absl import app, flags
 
 from bkd_jax.data import datasets, pipeline
 from bkd_jax.training import inputs, sharding
 
 DEFAULT_TARBALL = (
-    pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+    pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 )
 _PER_CLASS = 256  # CIFAR images extracted per class of the train split (64 of the test)
 _LARGE_SHAPE = (375, 500)  # height, width of the generated ImageNet-size JPEGs
 _BATCH = 64
+
+_BATCHES = flags.DEFINE_integer("batches", 20, "Timed batches per row.")
+_CIFAR_TARBALL = flags.DEFINE_string(
+    "cifar_tarball", None, "CIFAR-10 JPEG tarball; default ../shared/data's if any."
+)
 
 
 def extract_cifar(tarball: pathlib.Path, root: pathlib.Path) -> None:
@@ -223,3 +229,13 @@ def report(tarball: pathlib.Path | None = DEFAULT_TARBALL, batches: int = 20) ->
         *(f"| {d} | {w} | {rate:.0f} | {per_core:.0f} |" for d, w, rate, per_core in measured),
     ]
     return "\n".join(lines)
+
+
+def main(argv: Sequence[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    print(report(pathlib.Path(_CIFAR_TARBALL.value or DEFAULT_TARBALL), _BATCHES.value))
+
+
+if __name__ == "__main__":
+    app.run(main)

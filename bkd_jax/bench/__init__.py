@@ -2,7 +2,9 @@
 
   python -m bkd_jax.bench --pair=resnet32x4:resnet8x4 --batch_sizes=64,256 \
       --methods=ce,kd,dkd,blockkd,blockkd_lite --dtype=float32 --ablate=batch_stones,remat
-  python -m bkd_jax.bench --input      # the input pipeline alone (bkd_jax.bench_input)
+
+The package's other commands: `python -m bkd_jax.bench.gpu` (the accelerator table) and
+`python -m bkd_jax.bench.input` (the input pipeline alone).
 
 Block-KD costs more than KD because every stepping-stone runs part of the frozen teacher
 forward and, for the input gradient only, backward. The floor of that cost is set by the
@@ -14,12 +16,12 @@ Per row: images/s of the whole train step (forward, backward, optimizer update; 
 over the timed steps), the median process CPU time per step, the XLA compile time, the
 memory of the compiled step on one device (XLA's buffer assignment: arguments + outputs
 - donated aliases + temporaries), GFLOPs per step over all devices, the FLOP rate, MFU
-(that rate over the peak of the devices in the dtype, `bkd_jax.mfu`) and, when torch is
-installed, the speed against a PyTorch reference step of the same method timed in the
-same rounds (`bkd_jax.bench_torch`; wall and CPU time ratios, above 1 means bkd_jax is
-faster). The step runs jitted over a mesh of every device with the batch split, as the
-trainer runs it; on a CPU-only host the bench first asks XLA for one CPU device per core
-(`--cpu_devices`). CPU time is the
+(that rate over the peak of the devices in the dtype, `bkd_jax.bench.mfu`) and, when
+torch is installed, the speed against a PyTorch reference step of the same method timed
+in the same rounds (`bkd_jax.bench.torch_reference`; wall and CPU time ratios, above 1
+means bkd_jax is faster). The step runs jitted over a mesh of every device with the
+batch split, as the trainer runs it; on a CPU-only host the bench first asks XLA for one
+CPU device per core (`--cpu_devices`). CPU time is the
 steadier measure on a shared CPU host; on an accelerator the wall time is the one that
 counts. `--ablate` adds rows with one option flipped (`batch_stones`, `remat`, `dtype`,
 `donate`, `devices`: one device instead of all, `cpu_conv`: XLA's own weight gradients
@@ -47,11 +49,12 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from bkd_jax import config_defaults, distillers, mfu, models, optim, steps
+from bkd_jax import config_defaults, distillers, models, optim, steps
+from bkd_jax.bench import mfu
 from bkd_jax.models import cpu_conv
 from bkd_jax.training import sharding
+from bkd_jax.training.validation import DTYPES
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ABLATIONS = ("batch_stones", "remat", "dtype", "donate", "devices", "cpu_conv")
 STONE_OPTIONS = ("batch_stones", "remat")  # options that only change Block-KD methods
 RATIOS = (("blockkd", "kd"), ("blockkd_lite", "kd"), ("blockkd_lite", "blockkd"))
@@ -89,11 +92,6 @@ _TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch reference step when 
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 0, "XLA CPU devices on a CPU-only host: 0 = one per core, 1 = one."
 )
-_INPUT = flags.DEFINE_bool("input", False, "Measure the input pipeline instead of the step.")
-_INPUT_BATCHES = flags.DEFINE_integer("input_batches", 20, "--input: timed batches per row.")
-_CIFAR_TARBALL = flags.DEFINE_string(
-    "cifar_tarball", None, "--input: CIFAR-10 JPEG tarball; default ../shared/data's if any."
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +105,7 @@ class Variant:
     donate: bool = True
     devices: int = 0  # devices of the data mesh; 0 = all
     cpu_conv: bool = True  # the zoo's chunked weight gradient on CPU (models.cpu_conv)
-    torch: bool = False  # the PyTorch reference step (bkd_jax.bench_torch) instead
+    torch: bool = False  # the PyTorch reference step (bkd_jax.bench.torch_reference) instead
     batch_size: int = 64  # its own table column, not part of the label
 
     def flipped(self, option: str) -> Variant:
@@ -200,7 +198,6 @@ class Bench:
         self.batch = self.random_batch(batch_size)
         teacher = models.get_model(pair[0], classes)
         self.teacher_vars = jax.jit(teacher.init)(jax.random.key(3), self.batch["image"][:1])
-        self.optim_config = config_defaults.optim_config(0.05, (150, 180, 210), 5e-4)
 
     def random_batch(self, batch_size: int) -> dict[str, jax.Array]:
         image_key, label_key, strong_key = jax.random.split(jax.random.key(batch_size), 3)
@@ -236,9 +233,9 @@ class Bench:
         batch = jax.device_put(self.random_batch(v.batch_size), split)
         teacher_vars = jax.device_put(self.teacher_vars, repl)
         distiller = self.distiller(v)
-        optimizer = optim.make_optimizer(
-            self.optim_config, steps_per_epoch=782, name=distillers.get(v.method).optimizer
-        )
+        required = distillers.get(v.method).optimizer
+        cfg = config_defaults.optim_config(0.05, (150, 180, 210), 5e-4, required or "sgd")
+        optimizer = optim.make_optimizer(cfg, 782, required)
         init = functools.partial(steps.create_train_state, distiller, optimizer)
         state = jax.jit(init, out_shardings=repl)(jax.random.key(1), batch["image"])
         step = steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(1.0))
@@ -275,11 +272,11 @@ class Bench:
     def _torch_step(self, v: Variant) -> Callable[[], Any]:
         import torch  # Only the torch rows need it.
 
-        from bkd_jax import bench_torch
+        from bkd_jax.bench import torch_reference
 
         device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
         dtype = torch.bfloat16 if v.dtype == "bfloat16" else torch.float32
-        return bench_torch.ReferenceStep(
+        return torch_reference.ReferenceStep(
             v.method, self.pair, v.batch_size, self.image_size, self.classes,
             device=device, dtype=dtype,
         )  # fmt: skip
@@ -440,12 +437,6 @@ def _batch_sizes(values: Sequence[str]) -> list[int]:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _INPUT.value:
-        from bkd_jax import bench_input  # Needs TensorFlow, which nothing else here does.
-
-        tarball = _CIFAR_TARBALL.value or bench_input.DEFAULT_TARBALL
-        print(bench_input.report(pathlib.Path(tarball), _INPUT_BATCHES.value))
-        return
     if _CPU_DEVICES.value != 1:
         sharding.use_one_cpu_device_per_core(_CPU_DEVICES.value or None)
     methods = _METHODS.value or list(known_methods())
@@ -460,10 +451,10 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"--pair must be teacher:student, got {_PAIR.value!r}")
     torch_methods = []
     if _TORCH.value and torch_available():
-        from bkd_jax import bench_torch
+        from bkd_jax.bench import torch_reference
 
-        if bench_torch.has_models((teacher, student)):
-            torch_methods = [m for m in methods if m in bench_torch.METHODS]
+        if torch_reference.has_models((teacher, student)):
+            torch_methods = [m for m in methods if m in torch_reference.METHODS]
     sizes = _batch_sizes(_BATCH_SIZES.value)
     bench = Bench((teacher, student), sizes[0], _IMAGE_SIZE.value, _NUM_CLASSES.value)
     print(f"{teacher} -> {student}, {_DTYPE.value}; {machine()}")
@@ -480,7 +471,3 @@ def main(argv: Sequence[str]) -> None:
         for summary in (ratios(results, base), margins(results, base)):
             if summary:
                 print(f"\n{summary}")
-
-
-if __name__ == "__main__":
-    app.run(main)

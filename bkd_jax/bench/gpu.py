@@ -1,7 +1,7 @@
 r"""The accelerator benchmark: one command, a few minutes on one GPU.
 
-  python -m bkd_jax.bench_gpu [--out=gpu_bench.md] [--steps=2 --rounds=3] [--notorch]
-  python -m bkd_jax.bench_gpu --smoke      # tiny models, batch 4, one step: any CPU
+  python -m bkd_jax.bench.gpu [--out=gpu_bench.md] [--steps=2 --rounds=3] [--notorch]
+  python -m bkd_jax.bench.gpu --smoke      # tiny models, batch 4, one step: any CPU
 
 Times, on random data, the full train step (`bkd_jax.bench`) of
 
@@ -11,9 +11,9 @@ Times, on random data, the full train step (`bkd_jax.bench`) of
 - imagenet_resnet34 -> imagenet_resnet18 (224 px, 1000 classes): KD and Block-KD at
   batch 256 in bfloat16, remat off and on for Block-KD;
 
-with images/s, MFU (against the device's datasheet peak, `bkd_jax.mfu`), the compiled
+with images/s, MFU (against the device's datasheet peak, `bkd_jax.bench.mfu`), the compiled
 step's memory and the device's peak memory in use, and the PyTorch reference step of the
-same method on the same device (`bkd_jax.bench_torch`) when torch is installed. Needs jax,
+same method on the same device (`bkd_jax.bench.torch_reference`) when torch is installed. Needs jax,
 flax, optax, ml_collections and numpy; no TensorFlow or TFDS. JAX is limited to a share
 of the device memory so that the PyTorch reference fits beside it.
 """
@@ -92,9 +92,9 @@ def bench_torch_pair(pair: tuple[str, str]) -> bool:
     """Whether torch is installed and has a reference for both networks of `pair`."""
     if not bench.torch_available():
         return False
-    from bkd_jax import bench_torch
+    from bkd_jax.bench import torch_reference
 
-    return bench_torch.has_models(pair)
+    return torch_reference.has_models(pair)
 
 
 def main(argv: Sequence[str]) -> None:
