@@ -22,6 +22,12 @@ the token features `(batch, length, dim)` with the padding mask `(batch, length)
 them, so each block's attention sees which positions are padding. A pytree is as
 jittable as an array, and CNN and ViT BlockNets, whose parts see a plain array, are not
 affected. Text networks have no feature maps: `taps` refuses them in words.
+
+Random keys: parts with dropout (BERT's) draw it from Flax's `dropout` RNG stream, and
+apply it only in training and only when given a key. The training methods (`apply_block`,
+`apply_head`, `apply_range`, `features`, `apply`) take an optional `rng`, from which each
+part gets its own key (`part_rng`); without one, training computes what inference does.
+Parts without dropout ignore the key, so CNN and ViT BlockNets compute the same either way.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ PREACT = "preact"  # a block: its output before the final ReLU
 INPUT_PREACT = "input_preact"
 POOLED = "pooled"  # the head: the pooled embedding the classifier reads
 _TAP_NAMES = frozenset({STEM, PREACT, INPUT_PREACT, POOLED})
+DROPOUT = "dropout"  # the Flax RNG stream of parts with dropout (module docstring)
 
 
 class Taps(NamedTuple):
@@ -116,13 +123,30 @@ def with_part(variables: Variables, name: str, updates: Mapping[str, Any]) -> di
     return new
 
 
-def apply_part(module: nn.Module, variables: Variables, name: str, h: jax.Array, *, train: bool):
-    """Applies one named part; returns `y`, or `(y, new_variables)` when training."""
+def apply_part(
+    module: nn.Module,
+    variables: Variables,
+    name: str,
+    h: jax.Array,
+    *,
+    train: bool,
+    rng: jax.Array | None = None,
+):
+    """Applies one named part; returns `y`, or `(y, new_variables)` when training.
+
+    `rng`, in training only, is the part's `dropout` key (module docstring).
+    """
     part = _part(variables, name)
     if not train:
         return module.apply(part, h, train=False)
-    y, updates = module.apply(part, h, train=True, mutable=["batch_stats"])
+    rngs = {} if rng is None else {DROPOUT: rng}
+    y, updates = module.apply(part, h, train=True, mutable=["batch_stats"], rngs=rngs)
     return y, with_part(variables, name, updates)
+
+
+def part_rng(rng: jax.Array | None, index: int) -> jax.Array | None:
+    """The key of part `index` (block i: i, the head: 0) from a network's `rng`, if any."""
+    return None if rng is None else jax.random.fold_in(rng, index)
 
 
 def _apply_tapped(module: nn.Module, variables: Variables, name: str, h: jax.Array, train: bool):
@@ -213,46 +237,83 @@ class BlockNet:
             variables = with_part(variables, name, part_vars)
         return variables
 
-    def apply_block(self, variables: Variables, i: int, h: jax.Array, *, train: bool = False):
+    def apply_block(
+        self,
+        variables: Variables,
+        i: int,
+        h: jax.Array,
+        *,
+        train: bool = False,
+        rng: jax.Array | None = None,
+    ):
         """Block i (1-based). Returns `y`, or `(y, new_variables)` when `train`."""
         self._check_index(i)
         if i == 1:
             self.check_input(h)
-        return apply_part(self.blocks[i - 1], variables, self.part_name(i), h, train=train)
+        name = self.part_name(i)
+        return apply_part(self.blocks[i - 1], variables, name, h, train=train, rng=part_rng(rng, i))
 
-    def apply_head(self, variables: Variables, h: jax.Array, *, train: bool = False):
+    def apply_head(
+        self,
+        variables: Variables,
+        h: jax.Array,
+        *,
+        train: bool = False,
+        rng: jax.Array | None = None,
+    ):
         """The head. Returns logits, or `(logits, new_variables)` when `train`."""
-        return apply_part(self.head, variables, "head", h, train=train)
+        return apply_part(self.head, variables, "head", h, train=train, rng=part_rng(rng, 0))
 
     def apply_range(
-        self, variables: Variables, h: jax.Array, start: int, stop: int, *, train: bool = False
+        self,
+        variables: Variables,
+        h: jax.Array,
+        start: int,
+        stop: int,
+        *,
+        train: bool = False,
+        rng: jax.Array | None = None,
     ):
         """Blocks start..stop (inclusive, 1-based); `stop < start` is the identity."""
         for i in range(start, stop + 1):
             if train:
-                h, variables = self.apply_block(variables, i, h, train=True)
+                h, variables = self.apply_block(variables, i, h, train=True, rng=rng)
             else:
                 h = self.apply_block(variables, i, h)
         return (h, variables) if train else h
 
-    def features(self, variables: Variables, x: jax.Array, *, train: bool = False):
+    def features(
+        self,
+        variables: Variables,
+        x: jax.Array,
+        *,
+        train: bool = False,
+        rng: jax.Array | None = None,
+    ):
         """Logits and the output of every block: `(logits, [f_1..f_n])`, plus variables."""
         feats = []
         h = x
         for i in range(1, self.num_blocks + 1):
             if train:
-                h, variables = self.apply_block(variables, i, h, train=True)
+                h, variables = self.apply_block(variables, i, h, train=True, rng=rng)
             else:
                 h = self.apply_block(variables, i, h)
             feats.append(h)
         if train:
-            logits, variables = self.apply_head(variables, h, train=True)
+            logits, variables = self.apply_head(variables, h, train=True, rng=rng)
             return logits, feats, variables
         return self.apply_head(variables, h), feats
 
-    def apply(self, variables: Variables, x: jax.Array, *, train: bool = False):
+    def apply(
+        self,
+        variables: Variables,
+        x: jax.Array,
+        *,
+        train: bool = False,
+        rng: jax.Array | None = None,
+    ):
         """Logits, or `(logits, new_variables)` with updated BatchNorm statistics."""
-        out = self.features(variables, x, train=train)
+        out = self.features(variables, x, train=train, rng=rng)
         return (out[0], out[2]) if train else out[0]
 
     def taps(self, variables: Variables, x: jax.Array, *, train: bool = False):

@@ -88,6 +88,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.teacher = args["teacher"]
     config.student = args["student"]
     config.groups = groups
+    # bkd_jax.models.bert.get_model's options for both networks. Dropout 0.1 on hidden
+    # states and attention probabilities: google-research/bert modeling.py BertConfig
+    # (hidden_dropout_prob, attention_probs_dropout_prob), bert-base-uncased's config.json.
+    config.model_options = ml_collections.ConfigDict(dict(dropout=0.1))
     config.teacher_checkpoint = ""
     config.student_checkpoint = ""  # converted weights to start the student from
     config.num_epochs = 10  # Block-KD (Yu et al. 2024), NLP experiments

@@ -121,3 +121,37 @@ def test_bad_inputs_and_options_fail_in_words(net_and_vars):
         bert.get_model("bert_huge", 2)
     with pytest.raises(ValueError, match="no feature maps"):
         net.taps(variables, x)
+
+
+def test_dropout_applies_in_training_with_a_key_only(net_and_vars):
+    net, variables, x = net_and_vars
+    inference = net.apply(variables, x)
+    trained = lambda rng: net.apply(variables, x, train=True, rng=rng)[0]  # noqa: E731
+    key = jax.random.key(3)
+    np.testing.assert_array_equal(trained(None), inference)  # no key: no dropout
+    np.testing.assert_array_equal(trained(key), trained(key))  # a pure function of the key
+    assert not np.allclose(trained(key), inference, atol=1e-3)
+    assert not np.allclose(trained(key), trained(jax.random.key(4)), atol=1e-3)
+    off = tiny(groups=2, dropout=0.0)
+    np.testing.assert_array_equal(off.apply(variables, x, train=True, rng=key)[0], inference)
+
+
+def test_dropout_sits_where_berts_does(net_and_vars):
+    """transformers' BertForSequenceClassification drops out after the embeddings, on the
+    attention probabilities, on each sublayer's output (attention and feed-forward) and on
+    the pooled output: 1 + 3 per layer + 1 sites; each drops about its rate."""
+    net, variables, x = net_and_vars
+    sites = []
+
+    def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, bert.nn.Dropout) and not args[1]:
+            kept = args[0] != 0  # attention to padding is zero before dropout
+            sites.append(float(jnp.sum((out == 0) & kept) / jnp.sum(kept)))
+        return out
+
+    with bert.nn.intercept_methods(record):
+        net.apply(variables, x, train=True, rng=jax.random.key(5))
+    depth = bert.SIZES["bert_2x128"][0]
+    assert len(sites) == 1 + 3 * depth + 1
+    assert 0.05 < np.mean(sites) < 0.15  # the rate, 0.1

@@ -203,6 +203,9 @@ def warmup_factor(step: jax.Array, steps_per_epoch: int, warmup_epochs: float) -
     return jnp.minimum(1.0, epoch.astype(jnp.float32) / warmup_epochs)
 
 
+DROPOUT_STREAM = 1  # folded into the step's key for the student's dropout
+
+
 @dataclasses.dataclass(frozen=True)
 class Distiller:
     """A student, its frozen teacher (if any), a method's modules (if any), its objective."""
@@ -251,7 +254,13 @@ class Distiller:
             )
             student_vars = new_vars[0] if train else student_vars
         elif train:
-            logits, feats, student_vars = self.student.features(student_vars, images, train=True)
+            # The step's key (`steps.make_train_step`) drives the student's dropout, if any;
+            # folded so that it is not the key a method draws from itself (CRD's negatives).
+            rng = batch.get("rng")
+            rng = None if rng is None else jax.random.fold_in(rng, DROPOUT_STREAM)
+            logits, feats, student_vars = self.student.features(
+                student_vars, images, train=True, rng=rng
+            )
         else:
             logits, feats = self.student.features(student_vars, images)
         out = Forward(

@@ -13,9 +13,15 @@ Cut into blocks: block 1 is the embeddings and the first `depth / groups` layers
 further block the next `depth / groups` consecutive layers; the head the pooler and the
 classifier. Block outputs are `bkd_jax.blocknet.MaskedTokens`: `(batch, length, dim)`
 features with the padding mask carried beside them (the text contract of
-`bkd_jax.blocknet.TextBlockNet`). There is no dropout: the BlockNet contract passes no
-random keys, so BERT's fine-tuning dropout of 0.1 (hidden and attention probabilities)
-is not applied; training and inference compute the same function.
+`bkd_jax.blocknet.TextBlockNet`).
+
+Dropout is BERT's: `dropout` (0.1, BertConfig's hidden_dropout_prob and
+attention_probs_dropout_prob) after the embeddings, on the attention probabilities, on
+each sublayer's output before its residual sum, and on the pooled output before the
+classifier (classifier_dropout, which defaults to hidden_dropout_prob). It applies in
+training when the part is given a `dropout` key (`bkd_jax.blocknet`): the trainer gives
+one to the student's own forward pass. The student's blocks inside Block-KD's
+stepping-stones get none, so the stones see the student without dropout.
 
 Submodules carry the names of Hugging Face's state-dict paths
 (`bert.encoder.layer.3.attention.self.query` -> `layer_3/attention/self/query`), which
@@ -31,6 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bkd_jax.blocknet import DROPOUT as DROPOUT_RNG
 from bkd_jax.blocknet import MaskedTokens, TextBlockNet
 
 # transformers' BertConfig defaults (models/bert/configuration_bert.py): layer_norm_eps,
@@ -38,6 +45,7 @@ from bkd_jax.blocknet import MaskedTokens, TextBlockNet
 # `BertPreTrainedModel._init_weights`), max_position_embeddings, type_vocab_size, and the
 # uncased WordPiece vocabulary size of bert-base-uncased.
 LN_EPSILON = 1e-12
+DROPOUT = 0.1
 dense_init = nn.initializers.normal(0.02)
 MAX_POSITIONS = 512
 TYPE_VOCAB = 2
@@ -59,10 +67,13 @@ class Embeddings(nn.Module):
     vocab_size: int
     max_positions: int
     type_vocab: int
+    dropout: float
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array) -> jax.Array:
+    def __call__(
+        self, input_ids: jax.Array, token_type_ids: jax.Array, deterministic: bool
+    ) -> jax.Array:
         def embed(size: int, name: str) -> nn.Embed:
             return nn.Embed(size, self.dim, dtype=self.dtype, embedding_init=dense_init, name=name)
 
@@ -72,7 +83,7 @@ class Embeddings(nn.Module):
             + embed(self.max_positions, "position_embeddings")(positions)
             + embed(self.type_vocab, "token_type_embeddings")(token_type_ids)
         )
-        return _layer_norm(self.dtype)(x)
+        return nn.Dropout(self.dropout)(_layer_norm(self.dtype)(x), deterministic)
 
 
 class SelfAttention(nn.Module):
@@ -80,10 +91,11 @@ class SelfAttention(nn.Module):
 
     dim: int
     heads: int
+    dropout: float
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
         batch, length, _ = x.shape
         head_dim = self.dim // self.heads
 
@@ -95,6 +107,7 @@ class SelfAttention(nn.Module):
         # Padding keys get the lowest float, as transformers' extended attention mask does.
         logits = jnp.where(mask[:, None, None, :] > 0, logits, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        weights = nn.Dropout(self.dropout)(weights, deterministic)
         return jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, self.dim)
 
 
@@ -102,11 +115,13 @@ class AddNorm(nn.Module):
     """Dense, residual sum, LayerNorm: BERT's `*.output` (post-norm)."""
 
     dim: int
+    dropout: float
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, residual: jax.Array) -> jax.Array:
-        return _layer_norm(self.dtype)(_dense(self.dim, self.dtype, "dense")(x) + residual)
+    def __call__(self, x: jax.Array, residual: jax.Array, deterministic: bool) -> jax.Array:
+        x = nn.Dropout(self.dropout)(_dense(self.dim, self.dtype, "dense")(x), deterministic)
+        return _layer_norm(self.dtype)(x + residual)
 
 
 class Attention(nn.Module):
@@ -114,12 +129,14 @@ class Attention(nn.Module):
 
     dim: int
     heads: int
+    dropout: float
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        context = SelfAttention(self.dim, self.heads, self.dtype, name="self")(x, mask)
-        return AddNorm(self.dim, self.dtype, name="output")(context, x)
+    def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+        attend = SelfAttention(self.dim, self.heads, self.dropout, self.dtype, name="self")
+        output = AddNorm(self.dim, self.dropout, self.dtype, name="output")
+        return output(attend(x, mask, deterministic), x, deterministic)
 
 
 class Intermediate(nn.Module):
@@ -139,13 +156,17 @@ class EncoderLayer(nn.Module):
     dim: int
     heads: int
     hidden: int
+    dropout: float
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        x = Attention(self.dim, self.heads, self.dtype, name="attention")(x, mask)
+    def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+        attention = Attention(self.dim, self.heads, self.dropout, self.dtype, name="attention")
+        x = attention(x, mask, deterministic)
         expanded = Intermediate(self.hidden, self.dtype, name="intermediate")(x)
-        return AddNorm(self.dim, self.dtype, name="output")(expanded, x)
+        return AddNorm(self.dim, self.dropout, self.dtype, name="output")(
+            expanded, x, deterministic
+        )
 
 
 class LayerGroup(nn.Module):
@@ -164,24 +185,26 @@ class LayerGroup(nn.Module):
     vocab_size: int = VOCAB_SIZE
     max_positions: int = MAX_POSITIONS
     type_vocab: int = TYPE_VOCAB
+    dropout: float = DROPOUT
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h: jax.Array | MaskedTokens, train: bool = False) -> MaskedTokens:
-        del train  # no dropout: one function in both modes
+        deterministic = not (train and self.has_rng(DROPOUT_RNG))
         if self.embed:
             input_ids, token_type_ids, mask = h[:, 0], h[:, 1], h[:, 2]
             embeddings = Embeddings(
-                self.dim, self.vocab_size, self.max_positions, self.type_vocab, self.dtype,
-                name="embeddings",
+                self.dim, self.vocab_size, self.max_positions, self.type_vocab, self.dropout,
+                self.dtype, name="embeddings",
             )  # fmt: skip
-            x = embeddings(input_ids, token_type_ids)
+            x = embeddings(input_ids, token_type_ids, deterministic)
         else:
             x, mask = h
         for i in range(self.first, self.first + self.count):
-            x = EncoderLayer(self.dim, self.heads, self.hidden, self.dtype, name=f"layer_{i}")(
-                x, mask
+            layer = EncoderLayer(
+                self.dim, self.heads, self.hidden, self.dropout, self.dtype, name=f"layer_{i}"
             )
+            x = layer(x, mask, deterministic)
         return MaskedTokens(x, mask)
 
 
@@ -190,12 +213,14 @@ class Head(nn.Module):
 
     dim: int
     num_classes: int
+    dropout: float = DROPOUT
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h: MaskedTokens, train: bool = False) -> jax.Array:
-        del train
+        deterministic = not (train and self.has_rng(DROPOUT_RNG))
         pooled = jnp.tanh(Pooler(self.dim, self.dtype, name="pooler")(h.tokens[:, 0]))
+        pooled = nn.Dropout(self.dropout)(pooled, deterministic)
         return _dense(self.num_classes, self.dtype, "classifier")(pooled).astype(jnp.float32)
 
 
@@ -222,6 +247,7 @@ def bert(
     vocab_size: int = VOCAB_SIZE,
     max_positions: int = MAX_POSITIONS,
     type_vocab: int = TYPE_VOCAB,
+    dropout: float = DROPOUT,
     name: str = "bert",
 ) -> TextBlockNet:
     """A BERT encoder of `depth` layers cut into `groups` blocks, with a classifier.
@@ -233,19 +259,23 @@ def bert(
         feed-forward width.
       groups: number of blocks; must divide `depth`.
       vocab_size, max_positions, type_vocab: the embedding tables' sizes.
+      dropout: the dropout rate of training (module docstring); 0 turns it off.
       name: name for messages and the registry.
     """
     if groups < 1 or depth % groups:
         raise ValueError(f"{name}: groups={groups} must be a positive divisor of depth={depth}")
     if dim % heads:
         raise ValueError(f"{name}: heads={heads} must divide dim={dim}")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"{name}: dropout={dropout} must be in [0, 1)")
     per_group = depth // groups
     layers = functools.partial(
         LayerGroup, dim, heads, hidden, count=per_group, vocab_size=vocab_size,
-        max_positions=max_positions, type_vocab=type_vocab, dtype=dtype,
+        max_positions=max_positions, type_vocab=type_vocab, dropout=dropout, dtype=dtype,
     )  # fmt: skip
     blocks = tuple(layers(first=k * per_group, embed=k == 0) for k in range(groups))
-    return TextBlockNet(name, blocks, Head(dim, num_classes, dtype), post_activation=False)
+    head = Head(dim, num_classes, dropout, dtype)
+    return TextBlockNet(name, blocks, head, post_activation=False)
 
 
 # Sizes: (depth, dim, heads, feed-forward width). bert_base is bert-base-uncased (Devlin et
