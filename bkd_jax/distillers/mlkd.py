@@ -17,7 +17,9 @@ learning rates and lengths are in configs/cifar100.py.
 
 Block-KD can use MLKD's single-view terms as its distance (`distance="mlkd"`, this
 project's extension): the instance, class and batch terms on the one view the stones see,
-at Block-KD's temperature and the four fixed ones, with `released` from its section.
+at Block-KD's temperature and the four fixed ones, with `released` from its section. With
+Block-KD's `standardize` every one of those terms sees z-scored logits (the
+logit-standardisation code z-scores MLKD's KD terms only).
 """
 
 from __future__ import annotations
