@@ -138,10 +138,13 @@ PAIR_KNOBS = {
 
 # Logit standardisation (Sun et al., CVPR 2024), github sunshangquan/logit-standardization-KD
 # tools/train.py with --logit-stand: base temperature 2 (--base-temp), KD weight 9
-# (--kd-weight) over CE weight 1 (its mdistiller/engine/cfg.py), and for DKD its alpha and
-# beta times the KD weight 9 at temperature 2 (commit 6b58661). Block-KD, DIST and WTTM
-# standardise with their own recipes otherwise unchanged (ours: the paper has no such rows).
-_KD_STANDARDIZED = {"temperature": 2.0, "ce_weight": 1.0, "kd_weight": 9.0}
+# (--kd-weight), the CE weight left at CFG.KD.LOSS.CE_WEIGHT = 0.1 of its
+# mdistiller/engine/cfg.py (commit 3ec213f, the file's last change; 1 in its first commits,
+# 2ba3954 and 6083e2d; configs/cifar100/kd/*.yaml and mlkd/*.yaml set no KD section;
+# distillers/KD.py and MLKD.py read it), and for DKD its alpha and beta times the KD weight 9
+# at temperature 2 (commit 6b58661). Block-KD, DIST and WTTM standardise with their own
+# recipes otherwise unchanged (ours: the paper has no such rows).
+_KD_STANDARDIZED = {"temperature": 2.0, "ce_weight": 0.1, "kd_weight": 9.0}
 STANDARDIZED = {
     "kd": _KD_STANDARDIZED,
     "dot": _KD_STANDARDIZED,

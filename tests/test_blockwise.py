@@ -1,4 +1,5 @@
-"""Stepping-stones: composition, gradient flow, frozen teacher, jit, and pairing errors."""
+"""Stepping-stones: composition, gradient flow, frozen teacher, jit, and pairing errors;
+WKD-L and MLKD as the distance of the stones' objective."""
 
 from __future__ import annotations
 
@@ -8,9 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_steps
 from conftest import images
+from test_losses import ref_ce
+from test_mlkd_loss import ref_one_view
+from test_wkd_distiller import _fc_cost
+from test_wkd_losses import ref_wkd_logit
 
-from bkd_jax import models
+from bkd_jax import models, steps
 from bkd_jax.blockwise import stepping_stones
 from bkd_jax.connectors import default_grouping, make_connectors
 
@@ -182,3 +188,68 @@ def test_bad_stone_index_and_unconnectable_pairs_are_rejected():
     make_connectors(
         r18, teacher, (2, 40, 40, 3), grouping=((2, 3, 4), (1, 2, 3)), upsampling="bilinear"
     )
+
+
+# --- WKD-L and MLKD as the stones' distance (this project's extension of Block-KD) -------
+
+
+def _ref_stone_objective(dist, student, stones, teacher, labels, warmup):
+    """Block-KD's objective written out, alpha = beta = gamma = 1, with distance `dist`:
+    CE and `dist` to the teacher of the student and every stone (stone i weighted
+    1 / 2^(n - i)), plus `dist` of each to the stones' mean."""
+    n = max(stones)
+    ensemble = np.mean([np.float64(z) for z in stones.values()], axis=0)
+    task = ref_ce(student, labels) + sum(
+        2.0 ** (i - n) * ref_ce(z, labels) for i, z in stones.items()
+    )
+    distill = dist(student, teacher) + sum(
+        2.0 ** (i - n) * dist(z, teacher) for i, z in stones.items()
+    )
+    cross = dist(student, ensemble) + sum(dist(z, ensemble) for z in stones.values())
+    return task + warmup * (distill + cross)
+
+
+def _wkd_l_reference(teacher_vars, labels):
+    cost = _fc_cost(teacher_vars)
+    return lambda s, t: ref_wkd_logit(s, t, labels, cost, 8.0, 600.0)
+
+
+def _mlkd_reference(teacher_vars, labels):
+    del teacher_vars, labels
+    return lambda s, t: ref_one_view(s, t, released=True)
+
+
+STONE_DISTANCES = {  # distance: (Block-KD knobs, float64 reference of D)
+    "wkd_l": ({"temperature": 8.0}, _wkd_l_reference),
+    "mlkd": ({}, _mlkd_reference),
+}
+
+
+@pytest.mark.parametrize("distance", list(STONE_DISTANCES))
+def test_stone_distance_is_the_methods_loss_over_the_stones_and_training_lowers_it(distance):
+    knobs, reference = STONE_DISTANCES[distance]
+    distiller, optimizer, state, _, batch = test_steps.build("blockkd", distance=distance, **knobs)
+    teacher_vars = test_steps.trained_teacher_vars()  # confident: the terms have room to fall
+    out = jax.jit(functools.partial(distiller.forward, train=True))(
+        state.variables("student"), state.variables("modules"), teacher_vars, batch
+    )
+    warmup = 0.5
+    loss = distiller.objective(out, batch, jnp.float32(warmup))
+    assert sorted(out.stone_logits) == [1, 2, 3]
+    labels = np.asarray(batch["label"])
+    dist = reference(teacher_vars, labels)
+    want = _ref_stone_objective(
+        dist, out.student_logits, out.stone_logits, out.teacher_logits, labels, warmup
+    )
+    np.testing.assert_allclose(loss.total, want, rtol=2e-4)
+    np.testing.assert_allclose(
+        loss.metrics["kd_stone2"], dist(out.stone_logits[2], out.teacher_logits), rtol=2e-4
+    )
+
+    step = jax.jit(steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(1.0)))
+    stone_terms = []
+    for _ in range(10):
+        state, metrics = step(state, teacher_vars, batch)
+        stone_terms.append(sum(float(metrics[f"kd_stone{i}"]) for i in (1, 2, 3)))
+    assert np.isfinite(stone_terms).all()
+    assert stone_terms[-1] < 0.6 * stone_terms[0], stone_terms

@@ -7,6 +7,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
+from test_recipes import config_module
 from test_steps import build
 
 from bkd_jax import losses
@@ -57,3 +58,14 @@ def test_a_batch_without_the_strong_view_is_a_one_line_error():
         state.variables("student"), state.variables("modules"), teacher_vars, batch["image"]
     )  # evaluation needs the weak view only
     assert logits["student"].shape == (batch["image"].shape[0], 10)
+
+
+@pytest.mark.parametrize("method", ["kd", "mlkd"])
+def test_cifar100_standardised_recipe_is_the_logit_standardisation_authors(method):
+    """github sunshangquan/logit-standardization-KD: tools/train.py --logit-stand sets the
+    temperature (2) and the KD weight (9) of KD and MLKD; CE keeps its cfg.py weight 0.1."""
+    module = config_module("cifar100")
+    plain = module.get_config(f"method={method}").distill[method]
+    knobs = module.get_config(f"method={method},standardize=1").distill[method]
+    assert (knobs.standardize, knobs.temperature, knobs.kd_weight) == (True, 2.0, 9.0)
+    assert knobs.ce_weight == 0.1 == plain.ce_weight

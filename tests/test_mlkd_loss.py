@@ -45,26 +45,37 @@ def masks(wt):
     return conf <= np.percentile(conf, 50), class_conf <= np.percentile(class_conf, 50)
 
 
+def ref_one_view(s, t, released, standardize=False):
+    """The weak view's instance, class and batch terms, weight 1: as released (losses
+    averaged, then times a mask and averaged) or as the paper reads them (masks select)."""
+    s, t = np.float64(s), np.float64(t)
+    mask, class_mask = masks(t)
+    total = 0.0
+    for tau in TEMPS:
+        if released:
+            total += np.mean(kd(s, t, tau, standardize).mean() * mask)
+            total += np.mean(cc(s, t, tau).sum() * class_mask)
+            total += np.mean(bc(s, t, tau).sum() * mask)
+        else:
+            total += np.mean(kd(s, t, tau) * mask)
+            total += np.sum(cc(s, t, tau) * class_mask) + np.sum(bc(s, t, tau) * mask)
+    return total
+
+
 def ref_released(ws, wt, ss, st, w, standardize=False):
     ws, wt, ss, st = map(np.float64, (ws, wt, ss, st))
-    mask, class_mask = masks(wt)
-    kd_weak = sum(w * np.mean(kd(ws, wt, t, standardize).mean() * mask) for t in TEMPS)
-    kd_strong = sum(w * kd(ss, st, t, standardize).mean() for t in TEMPS[:3])
-    kd_strong += sum(w * kd(ws, wt, t, standardize).mean() for t in TEMPS[3:])
-    cc_weak = sum(w * np.mean(cc(ws, wt, t).sum() * class_mask) for t in TEMPS)
-    bc_weak = sum(w * np.mean(bc(ws, wt, t).sum() * mask) for t in TEMPS)
-    return kd_weak + kd_strong + cc_weak + bc_weak
+    kd_strong = sum(kd(ss, st, t, standardize).mean() for t in TEMPS[:3])
+    kd_strong += sum(kd(ws, wt, t, standardize).mean() for t in TEMPS[3:])
+    return w * (ref_one_view(ws, wt, True, standardize) + kd_strong)
 
 
 def ref_paper(ws, wt, ss, st, w):
     ws, wt, ss, st = map(np.float64, (ws, wt, ss, st))
-    mask, class_mask = masks(wt)
-    total = 0.0
-    for t in TEMPS:
-        total += np.mean(kd(ws, wt, t) * mask) + kd(ss, st, t).mean()
-        total += np.sum(cc(ws, wt, t) * class_mask) + np.sum(cc(ss, st, t))
-        total += np.sum(bc(ws, wt, t) * mask) + np.sum(bc(ss, st, t) * mask)
-    return w * total
+    mask, _ = masks(wt)
+    strong = sum(
+        kd(ss, st, t).mean() + np.sum(cc(ss, st, t)) + np.sum(bc(ss, st, t) * mask) for t in TEMPS
+    )
+    return w * (ref_one_view(ws, wt, False) + strong)
 
 
 def _views(seed, batch=8, classes=10, scale=3.0):
@@ -137,6 +148,22 @@ def test_gradients_match_central_differences(released):
             down[which][idx] -= 1e-6
             expected[idx] = (ref(*up, 1.0) - ref(*down, 1.0)) / 2e-6
         np.testing.assert_allclose(grad, expected, rtol=2e-3, atol=2e-5)
+
+
+@pytest.mark.parametrize("released", [True, False])
+def test_one_view_loss_is_the_weak_views_terms(released):
+    """Block-KD's distance "mlkd": the weak-view terms of `mlkd_loss`, unweighted, the
+    masks from the target's softmax."""
+    ws, wt, ss, st = _views(17)
+    out = losses.mlkd_weak_view_loss(ws, wt, temperature=4.0, released=released)
+    np.testing.assert_allclose(out, ref_one_view(ws, wt, released), rtol=2e-5)
+    both = losses.mlkd_loss(ws, wt, ss, st, temperature=4.0, kd_weight=1.0, released=released)
+    strong = both - out  # what the strong view adds is not part of it
+    assert float(strong) > 1e-3 * float(out)
+    via_name = losses.distance(
+        "mlkd", ws, wt, jnp.zeros(8, jnp.int32), temperature=4.0, knobs={"released": released}
+    )
+    np.testing.assert_allclose(via_name, out, rtol=1e-6)
 
 
 def test_views_of_different_shapes_are_rejected():

@@ -629,3 +629,128 @@ def ofd_feat_loss(connected, f_t, margin):
         + (connected - f_t) ** 2 * (f_t > 0).float()
     )
     return loss.abs().mean(dim=0).sum()
+
+
+# --- CRD.py and ReviewKD.py -------------------------------------------------------------
+# CRD: the two Embed heads, ContrastMemory's scores, partition constants and bank update,
+# and ContrastLoss. ReviewKD: the ABF fusion modules, their deepest-first review and
+# hcl_loss.
+
+
+class CRDEmbed(nn.Module):
+    """Linear layer, then division by the row's L2 norm (CRD's Embed and Normalize)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x):
+        x = self.linear(x.reshape(x.shape[0], -1))
+        return x / x.pow(2).sum(1, keepdim=True).sqrt()
+
+
+def crd_init_bank(num_data: int, dim: int) -> torch.Tensor:
+    """A bank uniform in +-1 / sqrt(dim / 3), as ContrastMemory registers it."""
+    bound = 1.0 / math.sqrt(dim / 3)
+    return torch.rand(num_data, dim) * (2 * bound) - bound
+
+
+class CRDMemory:
+    """ContrastMemory with the contrast indices given (the data loader's contrastive_index).
+
+    `params` is ContrastMemory's float32 buffer (K, T, Z_student, Z_teacher, momentum),
+    the constants unset (-1) until the first call.
+    """
+
+    def __init__(self, num_data: int, dim: int, k: int, temperature: float, momentum: float):
+        self.student = crd_init_bank(num_data, dim)
+        self.teacher = crd_init_bank(num_data, dim)
+        self.params = torch.tensor([k, temperature, -1.0, -1.0, momentum])
+
+    def scores(self, v_s, v_t, index, contrast_idx):
+        """exp(row . v / T) of each embedding against the other side's bank rows; then the
+        constants are set if unset, and the banks' rows `index` moved towards the batch."""
+        temperature, momentum = self.params[1].item(), self.params[4].item()
+        rows_t = self.teacher[contrast_idx.reshape(-1)].reshape(*contrast_idx.shape, -1)
+        rows_s = self.student[contrast_idx.reshape(-1)].reshape(*contrast_idx.shape, -1)
+        out_s = torch.exp(torch.bmm(rows_t, v_s.unsqueeze(2)).squeeze(2) / temperature)
+        out_t = torch.exp(torch.bmm(rows_s, v_t.unsqueeze(2)).squeeze(2) / temperature)
+        num_data = self.student.shape[0]
+        for slot, out in ((2, out_s), (3, out_t)):
+            if self.params[slot].item() < 0:
+                self.params[slot] = out.mean().detach() * num_data
+        out_s, out_t = out_s / self.params[2].item(), out_t / self.params[3].item()
+        with torch.no_grad():
+            for bank, v in ((self.student, v_s), (self.teacher, v_t)):
+                rows = bank[index] * momentum + v * (1 - momentum)
+                bank[index] = rows / rows.pow(2).sum(1, keepdim=True).sqrt()
+        return out_s, out_t
+
+
+def crd_contrast_loss(x, num_data: int, eps: float = 1e-7):
+    """ContrastLoss on (batch, 1 + K) normalised scores, the positive first."""
+    m_pn = (x.shape[1] - 1) / float(num_data)
+    log_pos = torch.log(x[:, 0] / (x[:, 0] + m_pn + eps))
+    log_neg = torch.log(m_pn / (x[:, 1:] + m_pn + eps))
+    return -(log_pos.sum() + log_neg.sum()) / x.shape[0]
+
+
+class ABF(nn.Module):
+    """ReviewKD's attention-based fusion: 1x1 conv + BN, fusion with the (resized) residual
+    through two sigmoid maps, nearest resize to `out_shape`, 3x3 conv + BN."""
+
+    def __init__(self, in_channel: int, mid_channel: int, out_channel: int, fuse: bool):
+        super().__init__()
+        self.conv1 = nn.Sequential(
+            nn.Conv2d(in_channel, mid_channel, 1, bias=False), nn.BatchNorm2d(mid_channel)
+        )
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(mid_channel, out_channel, 3, 1, 1, bias=False), nn.BatchNorm2d(out_channel)
+        )
+        self.att_conv = (
+            nn.Sequential(nn.Conv2d(2 * mid_channel, 2, 1), nn.Sigmoid()) if fuse else None
+        )
+        nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)
+        nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
+
+    def forward(self, x, y=None, shape=None, out_shape=None):
+        n, _, h, w = x.shape
+        x = self.conv1(x)
+        if self.att_conv is not None:
+            y = F.interpolate(y, (shape, shape), mode="nearest")
+            z = self.att_conv(torch.cat([x, y], 1))
+            x = x * z[:, 0].view(n, 1, h, w) + y * z[:, 1].view(n, 1, h, w)
+        if x.shape[-1] != out_shape:
+            x = F.interpolate(x, (out_shape, out_shape), mode="nearest")
+        return self.conv2(x), x
+
+
+def review(abfs, feats: dict, shapes, out_shapes) -> list:
+    """ReviewKD.forward_train's fusion: `abfs` deepest first (as ReviewKD keeps them), on
+    the student's feats and pooled feature, the stem left out by the zip's shortest list;
+    `shapes`/`out_shapes` are the student's and teacher's sizes, deepest first."""
+    x = [*feats["feats"], feats["pooled_feat"][:, :, None, None]][::-1]
+    out, residual = abfs[0](x[0], out_shape=out_shapes[0])
+    results = [out]
+    for f, abf, shape, out_shape in zip(x[1:], abfs[1:], shapes[1:], out_shapes[1:]):
+        out, residual = abf(f, residual, shape, out_shape)
+        results.insert(0, out)
+    return results
+
+
+def hcl_loss(f_students, f_teachers):
+    """MSE per level plus the 4/2/1 pooled MSEs weighted 1/2, 1/4, 1/8 (those smaller than
+    the map), normalised by the weights' sum; summed over levels."""
+    total = 0.0
+    for fs, ft in zip(f_students, f_teachers):
+        loss, weight, weights = F.mse_loss(fs, ft), 1.0, 1.0
+        for level in (4, 2, 1):
+            if level >= fs.shape[2]:
+                continue
+            weight /= 2.0
+            pooled_s = F.adaptive_avg_pool2d(fs, (level, level))
+            pooled_t = F.adaptive_avg_pool2d(ft, (level, level))
+            loss = loss + weight * F.mse_loss(pooled_s, pooled_t)
+            weights += weight
+        total = total + loss / weights
+    return total

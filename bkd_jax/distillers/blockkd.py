@@ -9,10 +9,12 @@ towards the stones' ensemble:
     L = alpha L_task + r(t) (beta L_distill + gamma L_cross)
 
 with D, the logit distance inside L_distill and L_cross, any registered distance
-(`distance`: "kd", "dkd", "dist", "wttm"; its own knobs in the section of that name,
-e.g. `config.distill.blockkd.dkd.beta`; only the chosen distance's section is read, so
-a recipe may set per-pair values for every distance), on standardised logits with
-`standardize`.
+(`distance`: "kd", "dkd", "dist", "wttm", "wkd_l", "mlkd"; its own knobs in the section of
+that name, e.g. `config.distill.blockkd.dkd.beta`; only the chosen distance's section is
+read, so a recipe may set per-pair values for every distance), on standardised logits with
+`standardize`. "wkd_l" (WKD-L, its ground cost from the teacher's classifier or a file,
+`bkd_jax.distillers.wkd.stone_distance`) and "mlkd" (MLKD's instance, class and batch
+terms of the one view the stones see) are this project's extension: the paper has neither.
 
 A feature loss can join the objective (`feature_method`: any registered method that
 consumes feature taps, e.g. "at"): its distillation term, with that method's default knobs
@@ -33,14 +35,23 @@ knobs are those of the method of that name.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
+import jax
 from ml_collections import config_dict
 
 from bkd_jax import distillers, losses
 from bkd_jax.blockwise import stone_logits
 from bkd_jax.connectors import Connectors, make_connectors
+from bkd_jax.distillers import wkd
 from bkd_jax.distillers.base import CombinedModules, Loss, Method, Pair, Recipe
+
+# Distances with inputs from the teacher's variables: name -> `(section, pair) -> (knobs,
+# teacher_vars -> further knobs)`.
+_TEACHER_INPUTS = {"wkd_l": wkd.stone_distance}
+# Where the stones' module puts those further knobs, in `Forward.extras`.
+_DISTANCE_INPUTS = "distance_inputs"
 
 
 def distance_sections() -> dict[str, dict[str, Any]]:
@@ -86,6 +97,8 @@ class SteppingStones:
     teacher: Any
     batch_stones: bool
     remat_teacher: bool
+    # The distance's knobs that come from the teacher's variables (WKD-L's cost), or None.
+    teacher_inputs: Callable[[Any], dict[str, Any]] | None = None
 
     def init(self, key):
         return self.connectors.init(key, self.stones)
@@ -98,7 +111,11 @@ class SteppingStones:
             remat_teacher=self.remat_teacher,
         )  # fmt: skip
         logits, variables = stones if train else (stones, variables)
-        return out._replace(stone_logits=logits), variables
+        out = out._replace(stone_logits=logits)
+        if self.teacher_inputs is not None:
+            inputs = self.teacher_inputs(jax.lax.stop_gradient(teacher_vars))
+            out = out._replace(extras={**out.extras, _DISTANCE_INPUTS: inputs})
+        return out, variables
 
 
 def _stones(requested, default: tuple[int, ...], n: int) -> tuple[int, ...]:
@@ -114,6 +131,14 @@ def _check_distance(k) -> None:
             f"distill.blockkd.distance={k['distance']!r} is not a logit distance Block-KD can "
             f"use; known: {', '.join(losses.DISTANCES)}"
         )
+
+
+def _distance_knobs(k, pair: Pair):
+    """The chosen distance's knobs from its section, and what the teacher's variables add."""
+    section = dict(k.get(k["distance"], {}))
+    if k["distance"] in _TEACHER_INPUTS:
+        return _TEACHER_INPUTS[k["distance"]](section, pair)
+    return section, None
 
 
 def _feature_recipe(name: str, pair: Pair) -> Recipe | None:
@@ -140,11 +165,11 @@ def _builder(lite: bool):
         )  # fmt: skip
         n = connectors.num_stones
         default = tuple(range(max(1, n - 1), n + 1)) if lite else tuple(range(1, n + 1))
+        distance_knobs, teacher_inputs = _distance_knobs(k, pair)
         modules = SteppingStones(
             connectors, _stones(k["stones"], default, n), pair.teacher, pair.batch_stones,
-            pair.remat_teacher,
+            pair.remat_teacher, teacher_inputs,
         )  # fmt: skip
-        distance_knobs = dict(k.get(k["distance"], {}))
         feature = _feature_recipe(k["feature_method"], pair)
 
         def objective(out, batch, warmup) -> Loss:
@@ -152,7 +177,8 @@ def _builder(lite: bool):
                 out.student_logits, out.stone_logits, out.teacher_logits, batch["label"],
                 num_blocks=n, temperature=k["temperature"], alpha=k["alpha"], beta=k["beta"],
                 gamma=k["gamma"], warmup=warmup, distance=k["distance"],
-                distance_knobs=distance_knobs, standardize=k["standardize"],
+                distance_knobs={**distance_knobs, **out.extras.get(_DISTANCE_INPUTS, {})},
+                standardize=k["standardize"],
             )  # fmt: skip
             task = k["alpha"] * metrics["task"]
             distill = warmup * (k["beta"] * metrics["distill"] + k["gamma"] * metrics["cross"])

@@ -14,6 +14,12 @@ Defaults: github Jin-Ying/Multi-Level-Logit-Distillation, mdistiller/distillers/
 KD_ours.py with that repository's mdistiller/engine/cfg.py (CFG.KD: temperature 4, CE
 weight 0.1, KD weight 0.9; configs/cifar100/ours/*.yaml set no KD section). Its per-pair
 learning rates and lengths are in configs/cifar100.py.
+
+Block-KD can use MLKD's single-view terms as its distance (`distance="mlkd"`, this
+project's extension): the instance, class and batch terms on the one view the stones see,
+at Block-KD's temperature and the four fixed ones, with `released` from its section. With
+Block-KD's `standardize` every one of those terms sees z-scored logits (the
+logit-standardisation code z-scores MLKD's KD terms only).
 """
 
 from __future__ import annotations
@@ -106,4 +112,6 @@ METHOD = Method(
     knobs=knobs,
     build=build,
     consumes=("logits", "strong_view"),
+    # Block-KD's distance "mlkd" (losses.mlkd_weak_view_loss): one view, so only these.
+    distance_knobs=("released",),
 )

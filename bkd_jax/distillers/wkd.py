@@ -26,12 +26,18 @@ released configs use a CKA cost of the teacher's features, computed offline
 Three registered variants with the defaults of the authors' CIFAR-100 resnet32x4 ->
 resnet8x4 configs (github JiamingLv/WKD configs/cifar100/<variant>/res32x4_res8x4.yaml):
 `wkd_l`, `wkd_f` and `wkd` (L+F, wkd_lf there); a weight of 0 switches a part off.
+
+WKD-L is also a distance Block-KD can use on its stepping-stones (`distance="wkd_l"`, this
+project's extension): `stone_distance` turns the knobs of its section into the loss's
+knobs and the cost from the teacher's variables. There the weight is constant (Block-KD's
+own warm-up r(t) scales the distance, not the cosine decay) and the temperature is
+Block-KD's (8 here, 4 there by default).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -153,6 +159,32 @@ def _cost_source(name: str, cost_matrix: str, sharpen: float, num_classes: int):
     return lambda teacher_vars: cost
 
 
+# The knobs of wkd_l that Block-KD's distance "wkd_l" reads from its section.
+DISTANCE_KNOBS = (
+    "logit_weight",
+    "cost_matrix",
+    "cost_sharpen",
+    "sinkhorn_lambda",
+    "sinkhorn_iters",
+)
+
+
+def stone_distance(
+    knobs: Mapping[str, Any], pair
+) -> tuple[dict[str, Any], Callable[[Any], dict[str, jax.Array]]]:
+    """Block-KD's distance "wkd_l": the knobs of the loss, and `teacher_vars -> {"cost"}`.
+
+    `knobs` is Block-KD's section `wkd_l` (`DISTANCE_KNOBS`); the cost comes from the
+    teacher's classifier ("fc") or a file, as for the method.
+    """
+    kernel = _classifier_kernel(teacher_param_shapes(pair.teacher, pair.input_shape))
+    cost = _cost_source(
+        "blockkd.wkd_l", knobs["cost_matrix"], knobs["cost_sharpen"], kernel.shape[1]
+    )
+    own = {name: knobs[name] for name in ("logit_weight", "sinkhorn_lambda", "sinkhorn_iters")}
+    return own, lambda teacher_vars: {"cost": cost(teacher_vars)}
+
+
 def _projector(name: str, k: Mapping[str, Any], s_shape, t_shape, dtype) -> nn.Module:
     """The projector from a student map of `s_shape` to a teacher map of `t_shape`."""
     if k["projector"] == "bottleneck":
@@ -251,7 +283,7 @@ def _builder(name: str):
 
 METHOD_L = Method(
     "wkd_l", "WKD-L: Sinkhorn Wasserstein distance of predictions, teacher cost", knobs_l,
-    _builder("wkd_l"), consumes=("logits", "taps"),
+    _builder("wkd_l"), consumes=("logits", "taps"), distance_knobs=DISTANCE_KNOBS,
 )  # fmt: skip
 METHOD_F = Method(
     "wkd_f", "WKD-F: Gaussian Wasserstein distance of projected features", knobs_f,

@@ -36,7 +36,7 @@ from bkd_jax.losses.logit import (
     standardize_logits,
     wttm_loss,
 )
-from bkd_jax.losses.mlkd import MLKD_FIXED_TEMPERATURES, mlkd_loss
+from bkd_jax.losses.mlkd import MLKD_FIXED_TEMPERATURES, mlkd_loss, mlkd_weak_view_loss
 from bkd_jax.losses.wkd import (
     WKD_SINKHORN_ITERS,
     WKD_SINKHORN_LAMBDA,
@@ -72,6 +72,7 @@ __all__ = [
     "kd_loss",
     "kdsvd_loss",
     "mlkd_loss",
+    "mlkd_weak_view_loss",
     "nst_loss",
     "ofd_loss",
     "ofd_margin",

@@ -67,6 +67,44 @@ def _at_most_median(x: jax.Array) -> jax.Array:
     return (x <= jnp.percentile(x, 50.0)).astype(jnp.float32)
 
 
+def _confidence_masks(teacher_logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(example mask (B,), class mask (C,)) from the teacher's untempered softmax."""
+    p_teacher = jax.nn.softmax(teacher_logits, axis=-1)
+    return _at_most_median(jnp.max(p_teacher, axis=-1)), _at_most_median(jnp.sum(p_teacher, axis=0))
+
+
+def _one_view_terms(z_s, z_t, temperatures, masks, kd, released: bool) -> jax.Array:
+    """The masked instance, class and batch terms of one (weak) view, summed over taus."""
+    example_mask, class_mask = masks
+    if released:  # masks scale losses already averaged over the batch
+        kd_terms = sum(jnp.mean(kd(z_s, z_t, tau)) for tau in temperatures)
+        cc = sum(jnp.sum(_class_gap(z_s, z_t, tau)) for tau in temperatures)
+        bc = sum(jnp.sum(_batch_gap(z_s, z_t, tau)) for tau in temperatures)
+        return (kd_terms + bc) * jnp.mean(example_mask) + cc * jnp.mean(class_mask)
+    return sum(
+        jnp.mean(kd(z_s, z_t, tau) * example_mask)
+        + jnp.sum(_class_gap(z_s, z_t, tau) * class_mask)
+        + jnp.sum(_batch_gap(z_s, z_t, tau) * example_mask)
+        for tau in temperatures
+    )
+
+
+def _kd_term(standardize: bool):
+    def kd(z_s, z_t, tau):
+        if standardize:
+            z_s, z_t = standardize_logits(z_s), standardize_logits(z_t)
+        return _kd_per_example(z_s, z_t, tau)
+
+    return kd
+
+
+def _as_pair(student_logits, target_logits) -> tuple[jax.Array, jax.Array]:
+    """float32 logits, the target's without gradient."""
+    return jnp.asarray(student_logits, jnp.float32), jax.lax.stop_gradient(
+        jnp.asarray(target_logits, jnp.float32)
+    )
+
+
 def mlkd_loss(
     weak_student: jax.Array,
     weak_teacher: jax.Array,
@@ -89,32 +127,47 @@ def mlkd_loss(
             f"mlkd_loss: both views' logits must be (batch, classes) of one shape, got "
             f"{weak_student.shape} and {strong_student.shape}."
         )
-    ws, ss = (jnp.asarray(z, jnp.float32) for z in (weak_student, strong_student))
-    wt, st = (
-        jax.lax.stop_gradient(jnp.asarray(z, jnp.float32)) for z in (weak_teacher, strong_teacher)
-    )
+    ws, wt = _as_pair(weak_student, weak_teacher)
+    ss, st = _as_pair(strong_student, strong_teacher)
     temperatures = (temperature, *MLKD_FIXED_TEMPERATURES)
-    p_teacher = jax.nn.softmax(wt, axis=-1)
-    example_mask = _at_most_median(jnp.max(p_teacher, axis=-1))
-    class_mask = _at_most_median(jnp.sum(p_teacher, axis=0))
-
-    def kd(z_s, z_t, tau):
-        if standardize:
-            z_s, z_t = standardize_logits(z_s), standardize_logits(z_t)
-        return _kd_per_example(z_s, z_t, tau)
-
+    masks = _confidence_masks(wt)
+    kd = _kd_term(standardize)
+    weak = _one_view_terms(ws, wt, temperatures, masks, kd, released)
     if released:
-        kd_weak = sum(jnp.mean(kd(ws, wt, tau)) for tau in temperatures) * jnp.mean(example_mask)
-        kd_strong = sum(jnp.mean(kd(ss, st, tau)) for tau in temperatures[:3]) + sum(
+        strong = sum(jnp.mean(kd(ss, st, tau)) for tau in temperatures[:3]) + sum(
             jnp.mean(kd(ws, wt, tau)) for tau in temperatures[3:]
         )
-        cc = sum(jnp.sum(_class_gap(ws, wt, tau)) for tau in temperatures) * jnp.mean(class_mask)
-        bc = sum(jnp.sum(_batch_gap(ws, wt, tau)) for tau in temperatures) * jnp.mean(example_mask)
-        return kd_weight * (kd_weak + kd_strong + cc + bc)
-    total = jnp.zeros((), jnp.float32)
-    for tau in temperatures:
-        total += jnp.mean(kd(ws, wt, tau) * example_mask) + jnp.mean(kd(ss, st, tau))
-        total += jnp.sum(_class_gap(ws, wt, tau) * class_mask) + jnp.sum(_class_gap(ss, st, tau))
-        total += jnp.sum(_batch_gap(ws, wt, tau) * example_mask)
-        total += jnp.sum(_batch_gap(ss, st, tau) * example_mask)
-    return kd_weight * total
+    else:
+        strong = sum(
+            jnp.mean(kd(ss, st, tau))
+            + jnp.sum(_class_gap(ss, st, tau))
+            + jnp.sum(_batch_gap(ss, st, tau) * masks[0])
+            for tau in temperatures
+        )
+    return kd_weight * (weak + strong)
+
+
+def mlkd_weak_view_loss(
+    student_logits: jax.Array,
+    target_logits: jax.Array,
+    *,
+    temperature: float,
+    released: bool = True,
+) -> jax.Array:
+    """MLKD's multi-level terms of a single view: instance, class and batch, unweighted.
+
+    The weak-view part of `mlkd_loss` (its terms with kd_weight 1), the masks from the
+    target's own softmax: what a model that sees one view, as Block-KD's stepping-stones
+    do, can be distilled with (this project's extension; the MLKD paper has no such use).
+    Logits are (batch, classes); the target's are constants.
+    """
+    check_pair(student_logits, target_logits, "mlkd_weak_view_loss")
+    if jnp.ndim(student_logits) != 2:
+        raise ValueError(
+            f"mlkd_weak_view_loss: logits must be (batch, classes), got {student_logits.shape}."
+        )
+    z_s, z_t = _as_pair(student_logits, target_logits)
+    temperatures = (temperature, *MLKD_FIXED_TEMPERATURES)
+    return _one_view_terms(
+        z_s, z_t, temperatures, _confidence_masks(z_t), _kd_term(False), released
+    )
