@@ -4,7 +4,8 @@ A mistake in a command line should be reported within seconds, in one line that 
 not after TensorFlow and orbax have loaded and not as a 50-line traceback. So this module
 imports neither: it checks the `--config` argument and its `--config.field=value`
 overrides when flag parsing fails (an unknown field gets "did you mean"), and checks that
-the data set's folder exists before the input pipeline is imported.
+the data set's folder and the checkpoints the config names exist before the input
+pipeline is imported and anything is compiled.
 
 Logging: the commands and notebooks show bkd_jax's own INFO lines (the run, resuming, the
 final accuracies), the libraries' warnings and errors, and not the libraries' INFO lines
@@ -143,6 +144,23 @@ def check_data_present(ds_config: Any) -> None:
                 "bkd_jax never downloads; prepare it once on a machine with network, "
                 f"`tfds build {ds_config.name} --data_dir={root}`, and copy it there, or "
                 "set --config.dataset.data_dir to where it is."
+            )
+
+
+def check_checkpoints_present(config: Any, needs_teacher: bool) -> None:
+    """Raises ValueError when a checkpoint the run would load is not there, without JAX.
+
+    `config.teacher_checkpoint` (when `needs_teacher`, as the method says) and
+    `config.student_checkpoint`, when set; only their existence (remote paths, gs://...,
+    are left to the loader, which checks what they hold against the model).
+    """
+    fields = (["teacher_checkpoint"] if needs_teacher else []) + ["student_checkpoint"]
+    for field in fields:
+        path = config[field]
+        if path and "://" not in path and not os.path.exists(path):
+            raise ValueError(
+                f"config.{field} {path} does not exist; it should be the workdir of a "
+                "method=ce run or a directory written by `python -m bkd_jax.convert`"
             )
 
 

@@ -7,10 +7,11 @@ with the same workdir resumes the run. SIGTERM or Ctrl-C makes it save a checkpo
 with the shell's status for that signal, 128 + its number (130 for Ctrl-C, 143 for
 SIGTERM), so that `main ... && next` does not go on to `next` with an unfinished run.
 
-A bad config, name or data folder is reported in one line before TensorFlow and orbax are
-imported (seconds, not half a minute). The console shows bkd_jax's own INFO lines (the run,
-resuming, the final best and last top-1), a progress line with images/s and ETA, and only
-warnings and errors of the libraries; `--verbosity=1` shows everything.
+A bad config, name, data folder or checkpoint path is reported in one line before
+TensorFlow and orbax are imported (seconds, not half a minute). The console shows bkd_jax's
+own INFO lines (the run, resuming, the final best and last top-1), a progress line with
+images/s and ETA, and only warnings and errors of the libraries; `--verbosity=1` shows
+everything.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bkd_jax import console
+from bkd_jax import console, distillers
 from bkd_jax.training import sharding
 from bkd_jax.training.validation import validate_config
 
@@ -69,6 +70,8 @@ def main(argv: list[str]) -> None:
     try:
         validate_config(config)  # names and numbers: no TensorFlow yet
         console.check_data_present(config.dataset)
+        needs_teacher = distillers.get(config.distill.method).needs_teacher
+        console.check_checkpoints_present(config, needs_teacher)
     except ValueError as e:
         sys.exit(f"error: {e}")
     if not _MULTIHOST.value:

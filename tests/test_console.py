@@ -92,6 +92,22 @@ def test_image_folder_and_digits(tmp_path):
     console.check_data_present(_dataset("digits", None))
 
 
+def _checkpoints(teacher: str | None, student: str | None) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"teacher_checkpoint": teacher, "student_checkpoint": student})
+
+
+def test_missing_checkpoints_are_named(tmp_path):
+    missing = str(tmp_path / "missing")
+    with pytest.raises(ValueError, match=f"config.teacher_checkpoint {missing} does not exist"):
+        console.check_checkpoints_present(_checkpoints(missing, None), needs_teacher=True)
+    with pytest.raises(ValueError, match=f"config.student_checkpoint {missing} does not exist"):
+        console.check_checkpoints_present(_checkpoints(str(tmp_path), missing), True)
+    console.check_checkpoints_present(_checkpoints(str(tmp_path), str(tmp_path)), True)
+    console.check_checkpoints_present(_checkpoints("gs://bucket/teacher", None), True)
+    # A method without a teacher (ce) never loads it, so it is not checked.
+    console.check_checkpoints_present(_checkpoints(missing, None), needs_teacher=False)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -112,6 +128,11 @@ def test_image_folder_and_digits(tmp_path):
         (
             ["--config=configs/cifar10.py"],
             f"error: --config: no config file configs/cifar10.py (relative paths start at {REPO})",
+        ),
+        (
+            ["--config=configs/demo.py:method=kd", "--config.teacher_checkpoint=/no/teacher"],
+            "error: config.teacher_checkpoint /no/teacher does not exist; it should be the "
+            "workdir of a method=ce run",
         ),
         (
             ["--config=configs/demo.py", "--config.distill.blockkd.temperature=warm"],
