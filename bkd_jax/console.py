@@ -30,6 +30,8 @@ from typing import Any
 import ml_collections
 from absl import flags, logging
 
+from bkd_jax.data import datasets
+
 _PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent)
 # Lines TensorFlow's native code prints to stderr when it loads: INFO records such as
 # "I0000 00:00:17961.. 7296 port.cc:153] oneDNN custom operations are on", and the
@@ -203,14 +205,11 @@ def explain_config_error(argv: Sequence[str], flag: str = "config") -> str | Non
     value = _flag_value(argv, flag)
     if value is None:
         return None
-    path, *arg = value.split(":", 1)
+    path = value.split(":", 1)[0]
     if not os.path.isfile(path):
         return _missing_file(path, flag)
     try:
-        spec = importlib.util.spec_from_file_location(f"{flag}_config", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        config = module.get_config(*arg)
+        config = config_from_file(value, flag)
     except Exception as e:  # any failure of the user's file is the answer
         return f"--{flag}={value}: {type(e).__name__}: {e}"
     prefix = f"--{flag}."
@@ -220,6 +219,34 @@ def explain_config_error(argv: Sequence[str], flag: str = "config") -> str | Non
             if message:
                 return message
     return None
+
+
+def config_from_file(value: str, flag: str = "config") -> Any:
+    """The config `--flag=FILE[:ARGS]` builds, without overrides, loaded the way
+    ml_collections loads it (everything after the first ':' is `get_config`'s argument)."""
+    path, *arg = value.split(":", 1)
+    spec = importlib.util.spec_from_file_location(f"{flag}_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*arg)
+
+
+def follow_dataset_name(config: ml_collections.ConfigDict, argv: Sequence[str]) -> None:
+    """Gives `config.dataset` the fields and defaults of the data set it names, when
+    `--config.dataset.name` changed the one the `--config` file builds
+    (`datasets.switch_dataset`), so that the new data set's own fields are there.
+
+    Raises:
+      ValueError: for an unknown data set, or a field set that the new one does not have.
+    """
+    value = _flag_value(argv, "config")
+    if value is None:  # given another way (a --flagfile): nothing to compare with
+        return
+    built_for = config_from_file(value).dataset.name
+    if config.dataset.name != built_for:
+        switched = datasets.switch_dataset(config.dataset, built_for)
+        switched.lock()  # as the rest of the command line's config: a misspelt field fails
+        config.dataset = switched
 
 
 def _missing_file(path: str, flag: str) -> str:

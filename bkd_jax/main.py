@@ -68,6 +68,7 @@ def main(argv: list[str]) -> None:
     console.configure_logging()
     config = _CONFIG.value
     try:
+        console.follow_dataset_name(config, sys.argv)
         validate_config(config)  # names and numbers: no TensorFlow yet
         console.check_data_present(config.dataset)
         needs_teacher = distillers.get(config.distill.method).needs_teacher

@@ -239,3 +239,27 @@ def test_misspelt_config_field_is_rejected(tmp_path):
     assert result.returncode != 0
     assert "error: unknown field num_train_stepz; did you mean num_train_steps?" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_dataset_name_on_the_command_line_brings_that_data_sets_fields(tmp_path):
+    # configs/cifar100.py builds CIFAR-100's dataset fields; the digits' are 8x8, unaugmented.
+    result = subprocess.run(
+        main_command(
+            REPO / "configs/cifar100.py:student=resnet8,method=ce",
+            tmp_path / "run",
+            "--config.dataset.name=digits",
+            "--config.num_train_steps=2",
+            "--config.global_batch_size=16",
+            "--config.tensorboard=False",
+        ),
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "on digits (1437 train / 360 eval images)" in result.stderr
+    saved = json.loads((tmp_path / "run" / config_guard.CONFIG_FILE).read_text())["dataset"]
+    expected = {"name": "digits", "image_size": 8, "augment": "none", "mean": [0.3053] * 3}
+    assert {key: saved[key] for key in expected} == expected
