@@ -4,9 +4,10 @@ A mistake in a command line should be reported within seconds, in one line that 
 not after TensorFlow and orbax have loaded and not as a 50-line traceback. So this module
 imports neither: it checks the `--config` argument and its `--config.field=value`
 overrides when flag parsing fails (an unknown field gets "did you mean"), and checks that
-the data set's folder exists before the input pipeline is imported.
-Config files are found (`packaged_config_file`) and loaded (`load_config_file`) here,
-for every command and test that reads one.
+the data set's folder and the checkpoints the config names exist before the input
+pipeline is imported and anything is compiled. Config files are found
+(`packaged_config_file`) and loaded (`load_config_file`) here, for every command and test
+that reads one.
 
 Logging: the commands and notebooks show bkd_jax's own INFO lines (the run, resuming, the
 final accuracies), the libraries' warnings and errors, and not the libraries' INFO lines
@@ -31,6 +32,8 @@ from typing import Any
 
 import ml_collections
 from absl import flags, logging
+
+from bkd_jax.data import datasets
 
 _PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent)
 # Lines TensorFlow's native code prints to stderr when it loads: INFO records such as
@@ -149,6 +152,23 @@ def check_data_present(ds_config: Any) -> None:
             )
 
 
+def check_checkpoints_present(config: Any, needs_teacher: bool) -> None:
+    """Raises ValueError when a checkpoint the run would load is not there, without JAX.
+
+    `config.teacher_checkpoint` (when `needs_teacher`, as the method says) and
+    `config.student_checkpoint`, when set; only their existence (remote paths, gs://...,
+    are left to the loader, which checks what they hold against the model).
+    """
+    fields = (["teacher_checkpoint"] if needs_teacher else []) + ["student_checkpoint"]
+    for field in fields:
+        path = config[field]
+        if path and "://" not in path and not os.path.exists(path):
+            raise ValueError(
+                f"config.{field} {path} does not exist; it should be the workdir of a "
+                "method=ce run or a directory written by `python -m bkd_jax.convert`"
+            )
+
+
 def unknown_field(config: Mapping[str, Any], field_path: str) -> str | None:
     """A one-line message when `field_path` ("distill.temprature") is not in `config`."""
     node: Any = config
@@ -207,11 +227,11 @@ def explain_config_error(argv: Sequence[str], flag: str = "config") -> str | Non
     value = _flag_value(argv, flag)
     if value is None:
         return None
-    path, *arg = value.split(":", 1)
+    path = value.split(":", 1)[0]
     if not os.path.isfile(path):
         return _missing_file(path, flag)
     try:
-        config = load_config_file(path).get_config(*arg)
+        config = config_from_file(value)
     except Exception as e:  # any failure of the user's file is the answer
         return f"--{flag}={value}: {type(e).__name__}: {e}"
     prefix = f"--{flag}."
@@ -221,6 +241,31 @@ def explain_config_error(argv: Sequence[str], flag: str = "config") -> str | Non
             if message:
                 return message
     return None
+
+
+def config_from_file(value: str) -> Any:
+    """The config `--config=FILE[:ARGS]` builds, without overrides (everything after the
+    first ':' is `get_config`'s argument, as ml_collections reads it)."""
+    path, *arg = value.split(":", 1)
+    return load_config_file(path).get_config(*arg)
+
+
+def follow_dataset_name(config: ml_collections.ConfigDict, argv: Sequence[str]) -> None:
+    """Gives `config.dataset` the fields and defaults of the data set it names, when
+    `--config.dataset.name` changed the one the `--config` file builds
+    (`datasets.switch_dataset`), so that the new data set's own fields are there.
+
+    Raises:
+      ValueError: for an unknown data set, or a field set that the new one does not have.
+    """
+    value = _flag_value(argv, "config")
+    if value is None:  # given another way (a --flagfile): nothing to compare with
+        return
+    built_for = config_from_file(value).dataset.name
+    if config.dataset.name != built_for:
+        switched = datasets.switch_dataset(config.dataset, built_for)
+        switched.lock()  # as the rest of the command line's config: a misspelt field fails
+        config.dataset = switched
 
 
 def _missing_file(path: str, flag: str) -> str:

@@ -154,14 +154,15 @@ def _write_json(workdir: pathlib.Path, records: Sequence[Record], table: Any) ->
 
 
 def write_outputs(workdir: pathlib.Path, records: Sequence[Record]) -> str:
-    """Writes demo_results.json, demo_table.md and demo.png; returns the table."""
+    """Writes demo_results.json, demo_table.md and demo.png; returns the table and its
+    legend, to print."""
     runs = report_runs(workdir, records)
     rows = report.summarize(runs)
     table = report.markdown_table(rows)
     _write_json(workdir, records, rows)
     run_files.atomic_write_text(workdir / TABLE_FILE, table)
     plot(workdir / PLOT_FILE, runs, rows)
-    return table
+    return f"{table}\n{report.legend(rows)}\n"
 
 
 def define_flags() -> None:
@@ -190,7 +191,6 @@ def main(argv: list[str]) -> None:
     table = write_outputs(workdir, records)
     print(f"\nTest top-1 on the 360 held-out digits ({time.monotonic() - start:.0f} s in all):")
     print(table)
-    print(report.LEGEND + "\n")
     print(f"Written: {workdir}/{{{RESULTS_FILE}, {TABLE_FILE}, {PLOT_FILE}}}")
 
 

@@ -3,12 +3,15 @@
 Config files take big_vision-style arguments (`--config=configs/cifar100.py:student=
 resnet8x4,method=dkd`) and `--config.field=value` overrides; the config is locked, so a
 misspelt field is an error rather than a silently ignored flag. Rerunning the same command
-with the same workdir resumes the run; SIGTERM makes it save a checkpoint and exit.
+with the same workdir resumes the run. SIGTERM or Ctrl-C makes it save a checkpoint and exit
+with the shell's status for that signal, 128 + its number (130 for Ctrl-C, 143 for
+SIGTERM), so that `main ... && next` does not go on to `next` with an unfinished run.
 
-A bad config, name or data folder is reported in one line before TensorFlow and orbax are
-imported (seconds, not half a minute). The console shows bkd_jax's own INFO lines (the run,
-resuming, the final best and last top-1), a progress line with images/s and ETA, and only
-warnings and errors of the libraries; `--verbosity=1` shows everything.
+A bad config, name, data folder or checkpoint path is reported in one line before
+TensorFlow and orbax are imported (seconds, not half a minute). The console shows bkd_jax's
+own INFO lines (the run, resuming, the final best and last top-1), a progress line with
+images/s and ETA, and only warnings and errors of the libraries; `--verbosity=1` shows
+everything.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from bkd_jax import console
+from bkd_jax import console, distillers
 from bkd_jax.training import sharding
 from bkd_jax.training.validation import validate_config
 
@@ -65,8 +68,11 @@ def main(argv: list[str]) -> None:
     console.configure_logging()
     config = _CONFIG.value
     try:
+        console.follow_dataset_name(config, sys.argv)
         validate_config(config)  # names and numbers: no TensorFlow yet
         console.check_data_present(config.dataset)
+        needs_teacher = distillers.get(config.distill.method).needs_teacher
+        console.check_checkpoints_present(config, needs_teacher)
     except ValueError as e:
         sys.exit(f"error: {e}")
     if not _MULTIHOST.value:
@@ -88,9 +94,17 @@ def main(argv: list[str]) -> None:
         jax.device_count(), jax.devices()[0].platform,
     )  # fmt: skip
     try:
-        loop.train_and_evaluate(config, _WORKDIR.value)
+        summary = loop.train_and_evaluate(config, _WORKDIR.value)
     except ValueError as e:  # a mismatched checkpoint or workdir, a data set not prepared
         sys.exit(f"error: {e}")
+    if "exit_status" in summary:
+        print(
+            f"Stopped at step {summary['steps']} of {summary['total_steps']}, exit status "
+            f"{summary['exit_status']} (128 + the signal's number); rerun the same command "
+            "to resume.",
+            file=sys.stderr,
+        )
+        sys.exit(summary["exit_status"])
 
 
 if __name__ == "__main__":

@@ -66,15 +66,21 @@ ROW_FIELDS = (
 STUDENT_METRICS = ("top1_last", "top1_best", "top5_last", "top5_best", "teacher_top1")
 # GLUE's metrics besides accuracy (bkd_jax.text_train's runs), x 100 as GLUE reports them.
 GLUE_METRICS = ("f1", "matthews", "pearson", "spearman")
-LEGEND = (
+_LEGEND_FIGURES = (
     "Top-1 and top-5 in %, mean ± sample standard deviation (ddof=1) over the seeds (one "
     "seed: the value). last: at the final evaluation (the headline figure); best: the best "
-    "top-1 over the evaluations, what mdistiller reports, and the top-5 of that "
-    "evaluation. published: mdistiller's / RepDistiller's figure (bkd_jax/published.py); "
-    "Δ best = best − published. teacher: the teacher's top-1 as the distilled runs "
-    "evaluated it. stoneK: stepping-stone K at the last evaluation. images/s: global batch "
-    "over the median wall-clock seconds per logged step, mean over seeds."
+    "top-1 over the evaluations, what mdistiller reports, and the top-5 of that evaluation."
 )
+# What each optional column means, by the start of its header (stone1, stone2, ...).
+_LEGEND_COLUMNS = {
+    "published": "published: mdistiller's / RepDistiller's figure (bkd_jax/published.py).",
+    "Δ best": "Δ best = best − published.",
+    "teacher": "teacher: the teacher's top-1 as the distilled runs evaluated it.",
+    "stone": "stoneK: stepping-stone K at the last evaluation.",
+    "images/s": "images/s: global batch over the median wall-clock seconds per logged "
+    "step, mean over seeds.",
+}
+
 
 Row = dict[str, Any]
 
@@ -384,6 +390,15 @@ def columns(rows: Sequence[Row]) -> list[tuple[str, Callable[[Row], str]]]:
     return [(header, cell) for header, cell in candidates if any(cell(r) for r in rows)]
 
 
+def legend(rows: Sequence[Row]) -> str:
+    """What the figures and the columns of `rows`' table mean; only the columns it shows."""
+    headers = [header for header, _ in columns(rows)]
+    shown = [
+        text for start, text in _LEGEND_COLUMNS.items() if any(h.startswith(start) for h in headers)
+    ]
+    return " ".join([_LEGEND_FIGURES, *shown])
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
     """`summarize`'s rows as a Markdown table (columns empty in every row left out)."""
     cols = columns(rows)
@@ -561,7 +576,7 @@ def render(rows: Sequence[Row], fmt: str, skipped: Sequence[pathlib.Path] = ()) 
         return json_table(rows, skipped)
     text = FORMATS[fmt](rows)
     if fmt == "md":
-        text += "\n" + LEGEND + "\n"
+        text += "\n" + legend(rows) + "\n"
         if skipped:
             text += f"\nSkipped {len(skipped)} unfinished runs: {', '.join(map(str, skipped))}\n"
     return text

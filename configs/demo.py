@@ -28,10 +28,10 @@ hand, a teacher and then a student distilled from it:
       --config.teacher_checkpoint=runs/demo/teacher --workdir=runs/demo/blockkd_seed0
 
 Expected (`python -m bkd_jax.demo --workdir=runs/demo`, 3 seeds, test top-1 in % on the
-360 held-out digits, mean ± sample std over seeds; 114 s on a lightly loaded 2-core CPU):
-teacher 98.61 last / 98.89 best; last top-1 of the students: ce 94.44 ± 0.73,
-kd 97.13 ± 0.70, dkd 96.57 ± 0.64, blockkd 96.48 ± 0.58 (stones 96.48, 95.93, 96.48),
-blockkd_lite 96.67 ± 0.28. Every distillation method lifts the student by 2 to 2.7
+360 held-out digits, mean ± sample std over seeds; 323 s on a 2-core CPU at a load average
+of about 10): teacher 98.61 last / 98.61 best; last top-1 of the students: ce 94.44 ± 0.73,
+kd 96.67 ± 0.28, dkd 96.76 ± 0.58, blockkd 96.76 ± 1.12 (stones 97.04, 96.48, 96.85),
+blockkd_lite 96.57 ± 0.64. Every distillation method lifts the student by 2.1 to 2.3
 points over CE alone; KD, DKD and both Block-KDs are within about one standard deviation
 of each other, so this study does not rank them.
 """

@@ -14,6 +14,7 @@ import pytest
 
 from bkd_jax import console
 from bkd_jax.config_defaults import base_config
+from bkd_jax.data import datasets
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
@@ -92,6 +93,68 @@ def test_image_folder_and_digits(tmp_path):
     console.check_data_present(_dataset("digits", None))
 
 
+def _checkpoints(teacher: str | None, student: str | None) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({"teacher_checkpoint": teacher, "student_checkpoint": student})
+
+
+def _file_config(value: str) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """The locked config `--config=value` builds (as the command line does), and that argv."""
+    value = str(REPO / value)  # an absolute path stays as it is
+    argv = ["main", f"--config={value}"]
+    config = console.config_from_file(value)
+    config.lock()
+    return config, argv
+
+
+@pytest.mark.parametrize("config_file", ["configs/cifar100.py", "configs/imagenet.py"])
+@pytest.mark.parametrize("name", datasets.DATASETS)
+def test_changed_dataset_name_brings_that_data_sets_fields(config_file, name):
+    config, argv = _file_config(config_file)
+    config.dataset.name = name  # --config.dataset.name=<name>
+    config.dataset.data_dir = "/data"  # set on the command line too: kept
+    console.follow_dataset_name(config, argv)
+    expected = datasets.default_dataset_config(name)
+    expected.data_dir = "/data"
+    assert config.dataset.to_dict() == expected.to_dict()
+    assert config.is_locked and config.dataset.is_locked
+
+
+def test_fields_a_recipe_set_survive_a_dataset_change_or_are_refused(tmp_path):
+    config, argv = _file_config("configs/cifar100.py:method=mlkd")
+    config.dataset.name = "digits"
+    console.follow_dataset_name(config, argv)
+    assert config.dataset.strong_view == "randaugment"  # MLKD's, not the digits' default
+    assert (config.dataset.image_size, config.dataset.augment) == (8, "none")
+
+    config_file = tmp_path / "folder_config.py"
+    config_file.write_text(
+        textwrap.dedent("""
+        from bkd_jax.config_defaults import base_config
+
+        def get_config():
+            config = base_config("image_folder", teacher="resnet8", student="resnet8", method="ce")
+            config.dataset.bad_files = "skip"
+            return config
+        """)
+    )
+    config, argv = _file_config(str(config_file))
+    config.dataset.name = "cifar10"
+    with pytest.raises(ValueError, match=r"dataset\.bad_files is a field of image_folder, not of"):
+        console.follow_dataset_name(config, argv)
+
+
+def test_missing_checkpoints_are_named(tmp_path):
+    missing = str(tmp_path / "missing")
+    with pytest.raises(ValueError, match=f"config.teacher_checkpoint {missing} does not exist"):
+        console.check_checkpoints_present(_checkpoints(missing, None), needs_teacher=True)
+    with pytest.raises(ValueError, match=f"config.student_checkpoint {missing} does not exist"):
+        console.check_checkpoints_present(_checkpoints(str(tmp_path), missing), True)
+    console.check_checkpoints_present(_checkpoints(str(tmp_path), str(tmp_path)), True)
+    console.check_checkpoints_present(_checkpoints("gs://bucket/teacher", None), True)
+    # A method without a teacher (ce) never loads it, so it is not checked.
+    console.check_checkpoints_present(_checkpoints(missing, None), needs_teacher=False)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -112,6 +175,11 @@ def test_image_folder_and_digits(tmp_path):
         (
             ["--config=configs/cifar10.py"],
             f"error: --config: no config file configs/cifar10.py (relative paths start at {REPO})",
+        ),
+        (
+            ["--config=configs/demo.py:method=kd", "--config.teacher_checkpoint=/no/teacher"],
+            "error: config.teacher_checkpoint /no/teacher does not exist; it should be the "
+            "workdir of a method=ce run",
         ),
         (
             ["--config=configs/demo.py", "--config.distill.blockkd.temperature=warm"],

@@ -115,6 +115,10 @@ def test_quick_demo_writes_results_table_and_plot_and_resumes(tmp_path):
     ]
     assert out.rstrip().splitlines()[-1].startswith("Written: ")
     assert table in out
+    # The legend explains the columns shown (stepping-stones), not those left out.
+    assert report.legend(report.summarize(runs)) in out
+    assert "stoneK: stepping-stone K" in out
+    assert "published:" not in out and "Δ best" not in out
 
     image = matplotlib.image.imread(tmp_path / demo.PLOT_FILE)
     assert image.shape[1] > 2 * image.shape[0] > 600  # three panels side by side

@@ -65,10 +65,11 @@ def start(command: list[str], log: pathlib.Path) -> subprocess.Popen:
         return subprocess.Popen(command, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT)
 
 
-def finish(process: subprocess.Popen, log: pathlib.Path) -> str:
-    """Waits for `process` and checks that it succeeded; returns its output."""
+def finish(process: subprocess.Popen, log: pathlib.Path, status: int = 0) -> str:
+    """Waits for `process` and checks its exit status (success by default); returns its
+    output."""
     process.wait(timeout=300)
-    assert process.returncode == 0, log.read_text()[-5000:]
+    assert process.returncode == status, log.read_text()[-5000:]
     return log.read_text()
 
 
@@ -124,14 +125,14 @@ def runs(tmp_path_factory) -> dict:
         first = start(main_command(config_file, resumed, *OVERRIDES), logs["first"])
         wait_for_step(first, logs["first"], resumed, SIGNAL_AFTER_STEP)
         first.send_signal(signal.SIGTERM)
-        first_output = finish(first, logs["first"])
+        first_output = finish(first, logs["first"], 128 + signal.SIGTERM)
         stopped_at = max(logged_steps(resumed))
         saved_at_stop = sorted(p.name for p in (resumed / checkpointing.LATEST_DIR).iterdir())
         had_results = (resumed / loop.RESULTS_FILE).exists()
         second = start(main_command(config_file, resumed, *OVERRIDES), logs["second"])
         wait_for_text(second, logs["second"], " on digits (1437 train / 360 eval images)")
         second.send_signal(signal.SIGINT)  # the train step is about to be compiled
-        second_output = finish(second, logs["second"])
+        second_output = finish(second, logs["second"], 128 + signal.SIGINT)
         interrupted_at = max(logged_steps(resumed))
         third = start(main_command(config_file, resumed, *OVERRIDES), logs["third"])
         third_output = finish(third, logs["third"])
@@ -158,16 +159,22 @@ def test_sigterm_saves_a_checkpoint_and_stops_early(runs):
     assert runs["saved_at_stop"] == [str(stop)]
     assert not runs["had_results"]
     assert f"Preempted: saved step {stop}; rerun the command to resume." in runs["first_output"]
+    assert runs["first_output"].endswith(
+        f"Stopped at step {stop} of {STEPS}, exit status 143 (128 + the signal's number); "
+        "rerun the same command to resume.\n"
+    )
     assert f"Resuming from step {stop}." in runs["second_output"]
 
 
-def test_ctrl_c_during_compilation_saves_and_exits_cleanly(runs):
+def test_ctrl_c_during_compilation_saves_and_exits_with_status_130(runs):
     stop, interrupted = runs["stopped_at"], runs["interrupted_at"]
     output = runs["second_output"]
     assert "Got SIGINT: will save a checkpoint after this step and stop" in output
     assert stop < interrupted < STEPS
     assert f"Interrupted: saved step {interrupted}; rerun the command to resume." in output
     assert "Fatal Python error" not in output and "Traceback" not in output
+    # Exit status 130 (checked in `runs`): `main ... && next` must not run `next`.
+    assert f"Stopped at step {interrupted} of {STEPS}, exit status 130" in output
     assert f"Resuming from step {interrupted}." in runs["third_output"]
 
 
@@ -232,3 +239,27 @@ def test_misspelt_config_field_is_rejected(tmp_path):
     assert result.returncode != 0
     assert "error: unknown field num_train_stepz; did you mean num_train_steps?" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_dataset_name_on_the_command_line_brings_that_data_sets_fields(tmp_path):
+    # configs/cifar100.py builds CIFAR-100's dataset fields; the digits' are 8x8, unaugmented.
+    result = subprocess.run(
+        main_command(
+            REPO / "configs/cifar100.py:student=resnet8,method=ce",
+            tmp_path / "run",
+            "--config.dataset.name=digits",
+            "--config.num_train_steps=2",
+            "--config.global_batch_size=16",
+            "--config.tensorboard=False",
+        ),
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "on digits (1437 train / 360 eval images)" in result.stderr
+    saved = json.loads((tmp_path / "run" / config_guard.CONFIG_FILE).read_text())["dataset"]
+    expected = {"name": "digits", "image_size": 8, "augment": "none", "mean": [0.3053] * 3}
+    assert {key: saved[key] for key in expected} == expected

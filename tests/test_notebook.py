@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -59,3 +61,29 @@ def test_quickstart_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
     assert len(images) == 1
     for run in ("teacher", "ce", "kd", "blockkd"):
         assert (tmp_path / run / "results.json").is_file()
+
+
+def _install_cell() -> str:
+    cells = json.loads(NOTEBOOK.read_text())["cells"]
+    return "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
+
+
+@pytest.mark.parametrize("source", ["", "git+https://example.org/me/bkd_jax"])
+def test_install_cell_outside_a_clone_uses_bkd_jax_source_or_says_to_set_it(
+    tmp_path, monkeypatch, source
+):
+    """As on a fresh Colab: bkd_jax not installed, no clone around the notebook."""
+    code = _install_cell()
+    assert code.count('BKD_JAX_SOURCE = ""') == 1
+    code = code.replace('BKD_JAX_SOURCE = ""', f"BKD_JAX_SOURCE = {source!r}")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    installs = []
+    monkeypatch.setattr(subprocess, "run", lambda command, check: installs.append(command))
+    if not source:
+        with pytest.raises(SystemExit, match="set BKD_JAX_SOURCE in this cell"):
+            exec(code, {})
+        assert installs == []
+    else:
+        exec(code, {})
+        assert installs == [[sys.executable, "-m", "pip", "install", "-q", source]]

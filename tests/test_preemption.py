@@ -19,6 +19,7 @@ def test_signal_sets_the_flag_and_the_handlers_come_back(signum):
             os.kill(os.getpid(), signum)
             assert guard.requested and guard.should_stop(1)
             assert guard.reason == ("Interrupted" if signum == signal.SIGINT else "Preempted")
+            assert guard.exit_status == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum]
         assert signal.getsignal(signum) is sentinel
         assert calls == []  # the guard, not the previous handler, got the signal
     finally:

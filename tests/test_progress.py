@@ -71,13 +71,29 @@ def test_terminal_redraws_in_place_and_last_step_always_shows():
         clock=clock,
     )
     clock.now = 1.0
-    bar.update(3, {"loss": 0.123456})
+    bar.update(3, {"loss": 0.123456})  # the first step: no rate yet
     clock.now = 1.5
-    bar.update(4)  # final step, shown before refresh_s: 2 steps/s, smoothed 1 + 0.3 * (2 - 1)
+    bar.update(4)  # final step, shown before refresh_s: 1 step in 0.5 s = 2 steps/s
     bar.close()
-    first = "step 3/4 (75.0%) | 10.0 img/s | ETA 0:00:01 | loss 0.1235"
-    second = "step 4/4 (100.0%) | 13.0 img/s | ETA 0:00:00 | loss 0.1235"
+    first = "step 3/4 (75.0%) | -- img/s | ETA -- | loss 0.1235"
+    second = "step 4/4 (100.0%) | 20.0 img/s | ETA 0:00:00 | loss 0.1235"
     assert out.getvalue() == "\r" + first + "\r" + second.ljust(len(first)) + "\n"
+
+
+def test_eta_leaves_out_the_compiling_first_step():
+    clock, out = FakeClock(), io.StringIO()
+    bar = progress.Progress(
+        100, images_per_step=30, stream=out, interactive=False, refresh_s=0.5, clock=clock
+    )
+    clock.now = 2220.0  # step 1 compiles for 37 minutes
+    bar.update(1)
+    for step in range(2, 12):  # then 0.6 s per step
+        clock.now += 0.6
+        bar.update(step)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "step 1/100 (1.0%) | -- img/s | ETA --"
+    # 30 images / 0.6 s = 50 img/s; 89 steps left x 0.6 s = 53.4 s.
+    assert lines[-1] == "step 11/100 (11.0%) | 50.0 img/s | ETA 0:00:53"
 
 
 def test_no_rate_until_time_has_passed():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import shlex
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -67,3 +68,29 @@ def test_readme_token_blocknet_example_runs():
     namespace = run_block("prefix_tokens=1,")
     assert namespace["mine"].prefix_tokens == 1
     assert namespace["taps"].blocks[0].shape == (4, 8, 8, 64)
+
+
+def first_run_commands() -> list[list[str]]:
+    """The arguments of each `python -m bkd_jax.main` command of "Your first training run"."""
+    section = README.read_text().split("## Your first training run\n", 1)[1].split("\n## ", 1)[0]
+    joined = section.replace("\\\n", " ")
+    lines = [line for line in joined.splitlines() if "python -m bkd_jax.main" in line]
+    return [shlex.split(line)[3:] for line in lines]
+
+
+def test_readme_first_run_is_a_teacher_then_a_student_distilled_from_it(monkeypatch):
+    from bkd_jax import console
+    from bkd_jax.training.validation import validate_config
+
+    monkeypatch.chdir(README.parent)  # the commands run from the root of a clone
+    teacher, student = first_run_commands()
+    workdirs = [console._flag_value(args, "workdir") for args in (teacher, student)]
+    assert console._flag_value(student, "config.teacher_checkpoint") == workdirs[0]
+    methods = []
+    for args in (teacher, student):
+        assert console.explain_config_error(args) is None  # the file loads, fields exist
+        config = console.config_from_file(console._flag_value(args, "config"))
+        config.teacher_checkpoint = console._flag_value(args, "config.teacher_checkpoint")
+        validate_config(config)
+        methods.append(config.distill.method)
+    assert methods[0] == "ce" and methods[1] != "ce"

@@ -224,7 +224,7 @@ def test_command_line_prints_the_table_and_draws_both_plots(runs_root, tmp_path)
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = report.summarize(report.find_runs([runs_root])[0])
-    assert done.stdout.startswith(report.markdown_table(rows) + "\n" + report.LEGEND)
+    assert done.stdout.startswith(report.markdown_table(rows) + "\n" + report.legend(rows))
     assert "Skipped 1 unfinished runs" in done.stdout
     for path in (bars, curves):
         image = matplotlib.image.imread(path)

@@ -3,7 +3,9 @@
 Configs and the pure core import this module; `bkd_jax.data.pipeline`, which needs
 TensorFlow, reads the data.
 
-Config (`config.dataset`; `default_dataset_config(name)` fills in the defaults):
+Config (`config.dataset`; `default_dataset_config(name)` fills in the defaults; a config
+built for one data set whose `name` is then changed, as `--config.dataset.name=...` does,
+takes the new data set's fields and defaults through `switch_dataset`):
   name: one of `DATASETS`: "cifar100", "cifar10", "imagenet2012" (TFDS), "image_folder"
     (``data_dir/<split>/<class>/<image>``; classes are the sorted class folder names of
     all splits, and every split has every class), "digits" (scikit-learn's 1797 8x8 grey
@@ -134,6 +136,31 @@ def default_dataset_config(name: str) -> ml_collections.ConfigDict:
             **_DEFAULTS[name],
         }
     )
+
+
+def switch_dataset(
+    ds_config: ml_collections.ConfigDict, built_for: str
+) -> ml_collections.ConfigDict:
+    """The `config.dataset` of data set `ds_config.name`, from one built for `built_for`.
+
+    Each data set has fields of its own (image_folder's `bad_files`) and defaults of its
+    own (image size, augmentation, statistics), so a new name alone would leave the old
+    data set's. A field left at `built_for`'s default takes the new data set's default; a
+    field set away from it (by the recipe or the command line) keeps its value.
+
+    Raises:
+      ValueError: when such a set field does not exist for the new data set.
+    """
+    old, new = default_dataset_config(built_for), default_dataset_config(ds_config.name)
+    for key, value in ds_config.items():
+        if key == "name" or value == old[key]:
+            continue
+        if key not in new:
+            raise ValueError(
+                f"config.dataset.{key} is a field of {built_for}, not of {ds_config.name}"
+            )
+        new[key] = value
+    return new
 
 
 def steps_per_epoch(info: DatasetInfo, global_batch_size: int) -> int:

@@ -259,14 +259,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     The summary (also written to `workdir/results.json` once the run is complete) holds
     "steps" done, "total_steps", and the "best" (by student top-1) and "last" evaluations;
     with `config.eval_only`, just "eval". A run stopped by SIGTERM or SIGINT returns early
-    without results, after saving its last step.
+    without results, after saving its last step, and with "exit_status", what a command
+    should exit with (`PreemptionGuard.exit_status`).
 
     Raises:
       FloatingPointError: with `config.on_nonfinite="stop"`, at the first non-finite step.
     """
     # Installed first, so that a signal during set-up or compilation is held, not raised.
     with preemption.PreemptionGuard() as guard:
-        return _run(config, epath.Path(workdir), guard)
+        summary = _run(config, epath.Path(workdir), guard)
+    if summary.get("steps", 0) < summary.get("total_steps", 0):  # stopped by the signal
+        summary["exit_status"] = guard.exit_status
+    return summary
 
 
 def _run(

@@ -10,6 +10,11 @@ would wait forever in the next step's collectives. There the decision is JAX's
 preemption sync point (`multihost_utils.reached_preemption_sync_point`): the coordination
 service watches SIGTERM on every process and, once any of them got one, makes every
 process see True at the same step. SIGINT is handed to that service as a SIGTERM.
+
+A run stopped this way is not finished, so the command then exits with the status a shell
+gives a process killed by the signal, 128 + its number (`exit_status`): 130 after Ctrl-C,
+143 after SIGTERM. `main && next` then does not run `next`, and a scheduler that restarts
+failed jobs (SLURM's --requeue, a Kubernetes Job) restarts a preempted one.
 """
 
 from __future__ import annotations
@@ -55,6 +60,13 @@ class PreemptionGuard:
     def reason(self) -> str:
         """ "Interrupted" after this process's Ctrl-C, else "Preempted", for messages."""
         return "Interrupted" if self._signal == signal.SIGINT else "Preempted"
+
+    @property
+    def exit_status(self) -> int:
+        """128 + the signal's number, the shell's status for a process the signal ended:
+        130 after this process's Ctrl-C, 143 (SIGTERM) after a preemption."""
+        stopped_by = signal.SIGINT if self._signal == signal.SIGINT else signal.SIGTERM
+        return 128 + stopped_by
 
     def should_stop(self, step: int) -> bool:
         """Whether to save and stop after `step`; the same answer on every process."""

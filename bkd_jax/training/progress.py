@@ -3,8 +3,11 @@
 On a terminal the line is redrawn in place with a carriage return a few times a second;
 anywhere else (CI logs, Colab cells, files) a plain line is printed every `refresh_s`
 seconds, so logs stay readable. Throughput is an exponential moving average over the
-intervals between redraws, which damps the slow first steps (compilation) and the jitter
-of asynchronous dispatch. Standard library only.
+intervals between redraws, which damps the jitter of asynchronous dispatch. Its clock
+starts when the first step is done, not when the loop starts: that step includes the
+compilation, which on a short run can take longer than all the other steps together and
+would inflate the ETA many times over; until a second step is done the ETA is "--".
+Standard library only.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ class Progress:
         self._clock = clock
         self._step = initial_step
         self._shown_step, self._shown_time = initial_step, clock()
+        # Where the throughput is measured from: None until the first (compiling) step is done.
+        self._timed_from: tuple[int, float] | None = None
         self._steps_per_s: float | None = None
         self._scalars: dict[str, float] = {}
         self._width = 0
@@ -68,7 +73,10 @@ class Progress:
         """Records that `step` is done, with the latest scalars; redraws when it is time."""
         self._step = step
         self._scalars.update(scalars or {})
-        if step >= self._total or self._clock() - self._shown_time >= self._refresh_s:
+        now = self._clock()
+        if self._timed_from is None:  # the first step, with its compilation: timed from its end
+            self._timed_from = step, now
+        if step >= self._total or now - self._shown_time >= self._refresh_s:
             self._show()
 
     def _line(self) -> str:
@@ -86,14 +94,22 @@ class Progress:
             parts.append(" ".join(f"{k} {float(v):.4g}" for k, v in self._scalars.items()))
         return " | ".join(parts)
 
-    def _show(self) -> None:
-        now = self._clock()
-        if now > self._shown_time and self._step > self._shown_step:
-            rate = (self._step - self._shown_step) / (now - self._shown_time)
+    def _measure(self, now: float) -> None:
+        """Folds the steps done since the last measurement into the smoothed rate."""
+        if self._timed_from is None:
+            return
+        step, then = self._timed_from
+        if now > then and self._step > step:
+            rate = (self._step - step) / (now - then)
             previous = self._steps_per_s
             self._steps_per_s = (
                 rate if previous is None else previous + self._smoothing * (rate - previous)
             )
+            self._timed_from = self._step, now
+
+    def _show(self) -> None:
+        now = self._clock()
+        self._measure(now)
         self._shown_step, self._shown_time = self._step, now
         text = self._line()
         if self._interactive:
