@@ -151,6 +151,24 @@ def test_sweep_on_digits_finishes_skips_when_rerun_and_resumes(tmp_path):
     assert report.load_run(root / NAMES[2]).results == runs[2].results
 
 
+def test_sweep_of_a_two_view_method_trains_on_both_views_and_reports_it(tmp_path):
+    """MLKD through the sweep: its runs get the strong view from the recipe, not the
+    command line, train on both views and land in the report as their own row."""
+    root = tmp_path / "digits"
+    done = _sweep(*DIGITS, "--methods=mlkd", "--seeds=0", f"--root={root}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "strong_view" not in done.stdout  # no command line carries it
+    run = report.load_run(root / "resnet8_resnet8" / "mlkd" / "seed0")
+    assert run.method == "mlkd" and run.config["dataset"]["strong_view"] == "randaugment"
+    records = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines()]
+    strong = [r["train/ce_strong"] for r in records if "train/ce_strong" in r]
+    assert strong and all(v > 0 for v in strong)  # the strong view's own cross-entropy
+    table = report.markdown_table(report.summarize(report.find_runs([root])[0]))
+    assert [line.split(" | ")[1:3] for line in table.splitlines()[2:]] == [
+        ["teacher", "1"], ["mlkd", "1"],
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("code", "why"), [(3, "failed (exit code 3)"), (0, "stopped before its last step")]
 )
