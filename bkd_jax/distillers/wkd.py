@@ -19,9 +19,12 @@ counted from 1 as in mdistiller's trainer (WKD.LOSS.COSINE_DECAY_EPOCH is the st
 run's SOLVER.EPOCHS the end: `decay_epochs = (start, end)`).
 
 The inter-category cost: "fc" is the authors' `COST_MATRIX: "fc"`, 1 - cosine of the
-teacher's classifier rows, sharpened (`bkd_jax.losses.wkd_cost_from_prototypes`); their
-released configs use a CKA cost of the teacher's features, computed offline
-(generate_cost_matrix.sh there), which can be given as a (classes, classes) .npy file.
+teacher's classifier rows, sharpened (`bkd_jax.losses.wkd_cost_from_prototypes`). Their
+released CIFAR-100 configs use `COST_MATRIX: 'cka'` instead: 1 - linear CKA between the
+classes' last feature maps of the teacher on the training split, computed offline
+(generate_cost_matrix.sh there). `python -m bkd_jax.wkd_cost --teacher=<checkpoint>
+--config=<the teacher's config> --output=cost.npy` computes it from a bkd_jax teacher;
+give the file as `cost_matrix` (it is sharpened on loading, as theirs is).
 
 Three registered variants with the defaults of the authors' CIFAR-100 resnet32x4 ->
 resnet8x4 configs (github JiamingLv/WKD configs/cifar100/<variant>/res32x4_res8x4.yaml):
@@ -75,7 +78,7 @@ def _knobs(logit_weight: float, feat_weight: float, mean_cov_ratio: float) -> di
         # (WKD.LOSS.COSINE_DECAY_EPOCH, SOLVER.EPOCHS) of the CIFAR-100 configs.
         "decay_epochs": (150, 240),
         "temperature": 8.0,  # WKD.TEMPERATURE (cfg.py: 4.0)
-        "cost_matrix": "fc",  # WKD.COST_MATRIX "fc", or a .npy file (module docstring)
+        "cost_matrix": "fc",  # WKD.COST_MATRIX "fc" (cfg.py); or a .npy (bkd_jax.wkd_cost)
         "cost_sharpen": 1.0,  # WKD.COST_MATRIX_SHARPEN
         "sinkhorn_lambda": losses.WKD_SINKHORN_LAMBDA,  # WKD.SINKHORN.LAMBDA
         "sinkhorn_iters": losses.WKD_SINKHORN_ITERS,  # WKD.SINKHORN.ITER
