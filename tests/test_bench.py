@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -216,3 +217,56 @@ def test_the_package_commands_run_with_their_own_flags(command, flag):
         timeout=300,
     )
     assert flag in result.stdout, result.stderr[-3000:]  # absl's --help exits with 1
+
+
+def test_distill_overrides_give_a_row_per_value_with_those_knobs(monkeypatch):
+    rows = bench.distill_rows(
+        ["blockkd.distance=kd|wkd_l|mlkd", "blockkd.wkd_l.cost_sharpen=2"], ["kd", "blockkd"]
+    )
+    assert rows["kd"] == [()]
+    assert [dict(knobs) for knobs in rows["blockkd"]] == [
+        {"distance": d, "wkd_l.cost_sharpen": 2} for d in ("kd", "wkd_l", "mlkd")
+    ]
+    base = bench.Variant("kd")
+    got = bench.variants(base, ["kd", "blockkd"], ["remat"], ["blockkd"], rows)
+    labels = [v.label(base) for v in got]
+    assert labels[:3] == [
+        "kd",
+        "blockkd distance=kd wkd_l.cost_sharpen=2",
+        "blockkd distance=wkd_l wkd_l.cost_sharpen=2",
+    ]
+    assert labels[4] == "blockkd +remat distance=kd wkd_l.cost_sharpen=2"
+    assert got[-1].torch and got[-1].knobs == ()  # the reference runs the defaults
+    seen = []
+    monkeypatch.setattr(bench.distillers, "make_distiller", lambda cfg, *a, **k: seen.append(cfg))
+    runner = object.__new__(bench.Bench)  # no teacher: only the config is looked at
+    runner.pair, runner.classes = ("resnet8", "resnet8"), 10
+    runner.batch = {"image": np.zeros((1, 8, 8, 3), np.float32)}
+    runner.distiller(got[2])
+    assert seen[0].method == "blockkd" and seen[0].blockkd.distance == "wkd_l"
+    assert seen[0].blockkd.wkd_l.cost_sharpen == 2.0 and seen[0].blockkd.gamma == 1.0
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("blockkd.distanse=kd", "blockkd has no knob 'distanse'; knobs there: alpha,"),
+        ("blockkd.wkd_l.nope=1", "no knob 'wkd_l.nope'; knobs there: cost_matrix,"),
+        ("blockkd.gamma.x=1", "blockkd.gamma has no knobs"),
+        ("blockkd.gamma=abc", "'abc' is not a value of the kind of 1.0"),
+        ("dkd.beta=1", "names 'dkd', which --methods does not time"),
+        ("blockkd=1", "must be METHOD.KNOB=VALUE"),
+    ],
+)
+def test_distill_overrides_refuse_unknown_knobs_and_bad_values(value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        bench.distill_rows([value], ["blockkd"])
+
+
+def test_bench_command_refuses_an_unknown_distill_knob_in_one_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "bkd_jax.bench", "--methods=blockkd", "--distill=blockkd.tau=2"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "--distill: blockkd has no knob 'tau'" in result.stderr.strip().splitlines()[-1]

@@ -25,28 +25,34 @@ CPU device per core (`--cpu_devices`). CPU time is the
 steadier measure on a shared CPU host; on an accelerator the wall time is the one that
 counts. `--ablate` adds rows with one option flipped (`batch_stones`, `remat`, `dtype`,
 `donate`, `devices`: one device instead of all, `cpu_conv`: XLA's own weight gradients
-instead of the batch-chunked ones on CPU) to show what each buys. Variants are timed
+instead of the batch-chunked ones on CPU) to show what each buys. `--distill` sets a
+method's knobs for its rows, `--distill=blockkd.distance=wkd_l` (a nested knob by dots,
+`blockkd.wkd_l.cost_sharpen=2`); values separated by "|" give one row per value, the
+product over a method's knobs (`--distill=blockkd.distance=kd|wkd_l|mlkd`). Variants are timed
 interleaved, a few steps each per round, so that load from other processes hits them
 alike. Batches are random: no data is read.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import functools
 import importlib.util
+import itertools
 import math
 import os
 import pathlib
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from absl import app, flags
 
 from bkd_jax import config_defaults, distillers, models, optim, steps
@@ -89,9 +95,80 @@ _ABLATE = flags.DEFINE_list(
 _STEPS = flags.DEFINE_integer("steps", 2, "Timed steps per variant per round.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Rounds over all variants.")
 _TORCH = flags.DEFINE_bool("torch", True, "Time the PyTorch reference step when installed.")
+_DISTILL = flags.DEFINE_multi_string(
+    "distill", [], 'METHOD.KNOB=VALUE for that method\'s rows; "a|b" gives a row per value.'
+)
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", 0, "XLA CPU devices on a CPU-only host: 0 = one per core, 1 = one."
 )
+
+
+Knobs = tuple[tuple[str, Any], ...]
+
+
+def _knob_value(raw: str, default: Any) -> Any:
+    """`raw` as a value of `default`'s kind: as given for a string knob, else a literal."""
+    if isinstance(default, str):
+        return raw
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        if default is None:
+            return raw
+        raise ValueError(f"{raw!r} is not a value of the kind of {default!r}") from None
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _knob_default(method: str, path: str) -> Any:
+    """The default of `method`'s knob at the dotted `path`; a ValueError naming the knobs."""
+    value = config_defaults.distill_config(method)[method]
+    names = path.split(".")
+    for depth, name in enumerate(names):
+        if not isinstance(value, ml_collections.ConfigDict):
+            raise ValueError(f"--distill: {method}.{'.'.join(names[:depth])} has no knobs")
+        if name not in value:
+            known = ", ".join(value)
+            raise ValueError(f"--distill: {method} has no knob {path!r}; knobs there: {known}")
+        value = value[name]
+    return value
+
+
+def set_knobs(config: ml_collections.ConfigDict, knobs: Knobs) -> None:
+    """Sets each (dotted path, value) of `knobs` in `config.distill`'s method section."""
+    for path, value in knobs:
+        *parents, name = path.split(".")
+        section = config[config.method]
+        for parent in parents:
+            section = section[parent]
+        section[name] = value
+
+
+def distill_rows(values: Sequence[str], methods: Sequence[str]) -> dict[str, list[Knobs]]:
+    """The knob settings of each method's rows from `--distill` values, checked.
+
+    A method no value names has one row of its defaults, `[()]`.
+    """
+    alternatives: dict[str, dict[str, list[Any]]] = {m: {} for m in methods}
+    for text in values:
+        target, sep, raw = text.partition("=")
+        method, dot, path = target.partition(".")
+        if not (sep and dot and path):
+            raise ValueError(f"--distill must be METHOD.KNOB=VALUE, got {text!r}")
+        if method not in alternatives:
+            raise ValueError(f"--distill names {method!r}, which --methods does not time")
+        default = _knob_default(method, path)
+        config = config_defaults.distill_config(method)
+        try:
+            options = [_knob_value(part, default) for part in raw.split("|")]
+            for option in options:  # the config's own type check
+                set_knobs(config, ((path, option),))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--distill {text!r}: {error}".splitlines()[0]) from None
+        alternatives[method][path] = options
+    return {
+        method: [tuple(zip(knobs, combo)) for combo in itertools.product(*knobs.values())]
+        for method, knobs in alternatives.items()
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +183,7 @@ class Variant:
     devices: int = 0  # devices of the data mesh; 0 = all
     cpu_conv: bool = True  # the zoo's chunked weight gradient on CPU (models.cpu_conv)
     torch: bool = False  # the PyTorch reference step (bkd_jax.bench.torch_reference) instead
+    knobs: Knobs = ()  # the method's knobs set by --distill, as (dotted path, value)
     batch_size: int = 64  # its own table column, not part of the label
 
     def flipped(self, option: str) -> Variant:
@@ -128,6 +206,8 @@ class Variant:
                 value = f"{value or 'all'} device{'s' if value != 1 else ''}"
             elif field.name == "torch":
                 value = "torch" if value else "jax"
+            elif field.name == "knobs":
+                value = " ".join(f"{path}={knob}" for path, knob in value)
             elif isinstance(value, bool):
                 value = ("+" if value else "-") + field.name
             diffs.append(value)
@@ -212,8 +292,10 @@ class Bench:
     def distiller(self, v: Variant) -> distillers.Distiller:
         dtype = DTYPES[v.dtype]
         teacher, student = (models.get_model(name, self.classes, dtype) for name in self.pair)
+        config = config_defaults.distill_config(v.method)
+        set_knobs(config, v.knobs)
         return distillers.make_distiller(
-            config_defaults.distill_config(v.method), student, teacher,
+            config, student, teacher,
             self.batch["image"][:1].shape, dtype=dtype, batch_stones=v.batch_stones,
             remat_teacher=v.remat, num_examples=NUM_EXAMPLES,
         )  # fmt: skip
@@ -301,14 +383,21 @@ def variants(
     methods: Sequence[str],
     ablate: Sequence[str],
     torch_methods: Sequence[str] = (),
+    knob_rows: Mapping[str, Sequence[Knobs]] | None = None,
 ) -> list[Variant]:
-    """Each method with the base options, each with each ablated option flipped, then the
-    PyTorch reference of each of `torch_methods` with the base options."""
-    out = [dataclasses.replace(base, method=m) for m in methods]
+    """Each method with the base options (a row per knob setting of `knob_rows`, default
+    its defaults), each with each ablated option flipped, then the PyTorch reference of
+    each of `torch_methods` with the base options and default knobs."""
+    rows = [
+        dataclasses.replace(base, method=m, knobs=knobs)
+        for m in methods
+        for knobs in (knob_rows or {}).get(m, [()])
+    ]
+    out = list(rows)
     for option in ablate:
-        for m in methods:
-            if option not in STONE_OPTIONS or uses_stones(m):
-                out.append(dataclasses.replace(base, method=m).flipped(option))
+        for row in rows:
+            if option not in STONE_OPTIONS or uses_stones(row.method):
+                out.append(row.flipped(option))
     out += [dataclasses.replace(base, method=m, torch=True, devices=0) for m in torch_methods]
     return out
 
@@ -318,12 +407,16 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 def torch_speedup(r: Result, results: Sequence[Result]) -> tuple[float, float] | None:
-    """Reference step time over this step's time (wall, CPU), same method, batch, dtype."""
+    """Reference step time over this step's time (wall, CPU), same method, knobs, batch,
+    dtype."""
     if r.variant.torch:
         return None
-    key = (r.variant.method, r.variant.batch_size, r.variant.dtype)
+
+    def key(v: Variant) -> tuple:
+        return v.method, v.knobs, v.batch_size, v.dtype
+
     for t in results:
-        if t.variant.torch and (t.variant.method, t.variant.batch_size, t.variant.dtype) == key:
+        if t.variant.torch and key(t.variant) == key(r.variant):
             return t.wall_s / r.wall_s, t.cpu_s / r.cpu_s
     return None
 
@@ -446,6 +539,10 @@ def main(argv: Sequence[str]) -> None:
     bad = set(_ABLATE.value) - set(ABLATIONS)
     if bad:
         raise app.UsageError(f"unknown --ablate options {sorted(bad)}; known: {ABLATIONS}")
+    try:
+        knob_rows = distill_rows(_DISTILL.value, methods)
+    except ValueError as error:
+        raise app.UsageError(str(error)) from None
     teacher, sep, student = _PAIR.value.partition(":")
     if not sep:
         raise app.UsageError(f"--pair must be teacher:student, got {_PAIR.value!r}")
@@ -463,7 +560,7 @@ def main(argv: Sequence[str]) -> None:
             methods[0], _DTYPE.value, _REMAT.value, _BATCH_STONES.value, _DONATE.value,
             batch_size=size,
         )  # fmt: skip
-        todo = variants(base, methods, _ABLATE.value, torch_methods)
+        todo = variants(base, methods, _ABLATE.value, torch_methods, knob_rows)
         results = bench.run(todo, _STEPS.value, _ROUNDS.value)
         peak = next((r.peak for r in results if r.peak), None)
         print(f"\nbatch {size}; peak {_fmt(peak and peak / 1e9, '.0f')} GFLOP/s")
