@@ -23,6 +23,10 @@ Linear CKA (Kornblith et al., "Similarity of Neural Network Representations Revi
 ICML 2019, eq. 4 in its feature-space form): for column-centred X (n, p), Y (n, q),
 CKA = ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F); invariant to orthogonal transforms and
 isotropic scaling of either matrix.
+
+The data set is read whole as arrays (`bkd_jax.data.arrays`: digits, npz, image folders,
+TFDS in the ArrayRecord format); the features are held in host memory, for resnet32x4 on
+CIFAR-100 50,000 x 8 x 8 x 256 float32 values (3.3 GB).
 """
 
 from __future__ import annotations
@@ -167,7 +171,7 @@ def main(argv: Sequence[str]) -> None:
         raise app.UsageError(f"--output's folder does not exist: {_OUTPUT.value!r}")
     try:
         cost = compute(_CONFIG.value, _TEACHER.value, _IMAGES_PER_CLASS.value)
-    except ValueError as error:
+    except (ValueError, arrays.NeedsHostLoader) as error:
         sys.exit(f"error: {error}")
     save_npy(_OUTPUT.value, cost)
     off_diagonal = cost[~np.eye(len(cost), dtype=bool)]
