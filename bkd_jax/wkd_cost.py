@@ -50,16 +50,19 @@ from bkd_jax.distillers.feature_modules import feats
 # generate_class_proto.py: --batch-size default 512 (line 85); any size gives the same maps.
 BATCH_SIZE = 512
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file naming the teacher model and the data set.", lock_config=True
-)
-_TEACHER = flags.DEFINE_string(
-    "teacher", None, "Teacher checkpoint: a training workdir or a converted-variables dir."
-)
-_OUTPUT = flags.DEFINE_string("output", None, "Where to write the (classes, classes) .npy.")
-_IMAGES_PER_CLASS = flags.DEFINE_integer(
-    "images_per_class", 0, "First images of each class to use; 0 = as many as the smallest has."
-)
+
+def define_flags() -> None:
+    """The command line's flags; only when run as a program, so importing defines none."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Config file naming the teacher model and the data set.", lock_config=True
+    )
+    flags.DEFINE_string(
+        "teacher", None, "Teacher checkpoint: a training workdir or a converted-variables dir."
+    )
+    flags.DEFINE_string("output", None, "Where to write the (classes, classes) .npy.")
+    flags.DEFINE_integer(
+        "images_per_class", 0, "First images of each class to use; 0 = as many as the smallest has."
+    )
 
 
 def class_indices(labels: np.ndarray, num_classes: int, images_per_class: int) -> np.ndarray:
@@ -161,26 +164,28 @@ def compute(config: ml_collections.ConfigDict, teacher: str, images_per_class: i
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    for name, value in (("config", _CONFIG.value), ("teacher", _TEACHER.value),
-                        ("output", _OUTPUT.value)):  # fmt: skip
-        if not value:
+    args = flags.FLAGS
+    for name in ("config", "teacher", "output"):
+        if not args[name].value:
             raise app.UsageError(f"--{name} is required")
-    if not _OUTPUT.value.endswith(".npy"):
-        raise app.UsageError(f"--output must end in .npy, got {_OUTPUT.value!r}")
-    if not os.path.isdir(os.path.dirname(os.path.abspath(_OUTPUT.value))):
-        raise app.UsageError(f"--output's folder does not exist: {_OUTPUT.value!r}")
+    output = args.output
+    if not output.endswith(".npy"):
+        raise app.UsageError(f"--output must end in .npy, got {output!r}")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(output))):
+        raise app.UsageError(f"--output's folder does not exist: {output!r}")
     try:
-        cost = compute(_CONFIG.value, _TEACHER.value, _IMAGES_PER_CLASS.value)
+        cost = compute(args.config, args.teacher, args.images_per_class)
     except (ValueError, arrays.NeedsHostLoader) as error:
         sys.exit(f"error: {error}")
-    save_npy(_OUTPUT.value, cost)
+    save_npy(output, cost)
     off_diagonal = cost[~np.eye(len(cost), dtype=bool)]
     print(
-        f"wrote {_OUTPUT.value}: {cost.shape}, off-diagonal cost "
+        f"wrote {output}: {cost.shape}, off-diagonal cost "
         f"{off_diagonal.min():.4f}..{off_diagonal.max():.4f}",
         flush=True,
     )
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

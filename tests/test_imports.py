@@ -39,6 +39,8 @@ TRAINER = (
     "bkd_jax.data.arrays",
     "bkd_jax.demo",
     "bkd_jax.accelerator_study",
+    "bkd_jax.wkd_cost",
+    "bkd_jax.text_train",
 )
 
 _DRIVER = """
