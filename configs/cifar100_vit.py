@@ -2,7 +2,8 @@ r"""CIFAR-100, a CNN teacher distilled into a ViT student with DeiT's optimiser 
 
 Arguments (`configs/cifar100_vit.py:key=value,...`): teacher (default resnet32x4, any
 CIFAR zoo model), student (default vit_tiny_cifar: patch 4, an 8x8 grid at 32 pixels),
-method (any of `bkd_jax.distillers.available()` that takes the pair; default blockkd).
+method (any of `bkd_jax.distillers.available()` that takes the pair, but DOT, whose own
+SGD optimiser cannot be DeiT's AdamW; default blockkd).
 `PAIRS` lists the pair this recipe is written for. The student's recipe is DeiT's
 (facebookresearch/deit main.py, `get_args_parser` defaults):
 
@@ -47,6 +48,11 @@ BASE_LR, BASE_BATCH = 5e-4, 512  # DeiT main.py: --lr 5e-4, linear_scaled_lr = l
 
 def get_config(arg: str | None = None):
     args = parse_arguments(arg, dict(teacher=PAIRS[0][0], student=PAIRS[0][1], method="blockkd"))
+    if args["method"] == "dot":
+        raise ValueError(
+            "method=dot is an SGD optimiser of its own; this recipe's student trains with "
+            "DeiT's AdamW: use configs/cifar100.py for DOT"
+        )
     config = base_config("cifar100", **args)
     config.global_batch_size = BATCH
     config.num_epochs = 300  # DeiT main.py --epochs
