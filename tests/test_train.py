@@ -76,7 +76,8 @@ def saved_steps(directory: pathlib.Path) -> list[int]:
 
 
 def _save_synchronously() -> None:
-    """Makes every checkpoint save wait for its files.
+    """Makes every checkpoint save wait for its files, and every checkpointer for orbax's
+    clean-up.
 
     While tfds.testing.mock_data builds a dataset (each epoch, each evaluation) it redirects
     all file I/O of the process to a temporary folder, so an asynchronous checkpoint write
@@ -90,6 +91,17 @@ def _save_synchronously() -> None:
         return saved
 
     checkpointing.Checkpointer.save = save_and_wait
+
+    # Likewise orbax's clean-up of partial saves, which it starts in the background when a
+    # checkpointer opens its directory: it must not list the directory inside the redirect.
+    # orbax offers no public way to wait for it; its own `save` waits through this method.
+    init = checkpointing.Checkpointer.__init__
+
+    def init_and_clean_up(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self._manager._maybe_await_cleanup_tmp_directory()
+
+    checkpointing.Checkpointer.__init__ = init_and_clean_up
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
