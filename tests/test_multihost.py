@@ -181,12 +181,13 @@ def test_two_processes_preempted_crashed_and_resumed_match_one_process(roots):
     root = roots["two_processes"]
     runs = []
     try:
-        # 1. SIGTERM to both: they agree on one step, both save it and exit cleanly.
+        # 1. SIGTERM to both: they agree on one step, both save it and exit with 143
+        # (128 + SIGTERM), the status of a run stopped before its end.
         runs.append(_Run(root, "first", 2, 2, _distill_args(root)))
         runs[-1].wait_for_step(3)
         for proc in runs[-1].procs:
             proc.send_signal(signal.SIGTERM)
-        assert runs[-1].wait() == [0, 0], runs[-1].output()[-4000:]
+        assert runs[-1].wait() == [143, 143], runs[-1].output()[-4000:]
         stopped = max(_logged(root / "workdir"))
         for index in (0, 1):
             assert f"Preempted: saved step {stopped}; rerun" in runs[-1].output(index)
