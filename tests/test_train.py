@@ -352,6 +352,12 @@ def _unknown_dataset(tmp_path, teacher):
     return config, "unknown dataset 'cifar1000'; known: cifar100, cifar10"
 
 
+def _dataset_renamed_in_code(tmp_path, teacher):
+    config = digits_config()
+    config.dataset.name = "image_folder"  # digits' fields, not image_folder's
+    return config, r"config.dataset names 'image_folder' without its fields .*bad_files"
+
+
 def _unknown_model(tmp_path, teacher):
     config = digits_config()
     config.student = "resnet9"
@@ -401,6 +407,7 @@ def _bad_distillation_option(tmp_path, teacher):
     "bad_config",
     [
         _unknown_dataset,
+        _dataset_renamed_in_code,
         _unknown_model,
         _unknown_method,
         _tfds_data_missing,

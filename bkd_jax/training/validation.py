@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from bkd_jax import distillers, models, optim
+from bkd_jax.data import datasets
 from bkd_jax.training import nonfinite
 
 # The compute dtypes a config (and the bench's --dtype) may name.
@@ -33,6 +34,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "config.teacher_checkpoint to the workdir of a method=ce run or to a directory "
             "written by `python -m bkd_jax.convert`"
         )
+    _check_dataset_fields(config.dataset)
     if "strong_view" in method.consumes and config.dataset.strong_view == "none":
         raise ValueError(
             f"method {method.name!r} trains on two views of every image: set "
@@ -44,4 +46,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if config.on_nonfinite not in nonfinite.MODES:
         raise ValueError(
             f"config.on_nonfinite must be one of {nonfinite.MODES}, got {config.on_nonfinite!r}"
+        )
+
+
+def _check_dataset_fields(ds_config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError unless `ds_config` has the fields of the data set it names: a
+    name changed in code (not on the command line, where `bkd_jax.console` brings the new
+    data set's fields) leaves the old data set's."""
+    missing = sorted(set(datasets.default_dataset_config(ds_config.name)) - set(ds_config))
+    if missing:
+        raise ValueError(
+            f"config.dataset names {ds_config.name!r} without its fields {', '.join(missing)}: "
+            f"build it with base_config({ds_config.name!r}, ...), or pass it through "
+            "bkd_jax.data.datasets.switch_dataset(config.dataset, <the name it was built for>)"
         )
