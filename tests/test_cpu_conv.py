@@ -29,9 +29,10 @@ TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}  # relative to the largest v
 
 
 @functools.cache
-def zoo_convolutions() -> list[tuple[int, int, int, int, int, int]]:
-    """(kernel, stride, padding, groups, in channels, out channels) of every distinct zoo
-    convolution kind, the one with fewest channels of each, from tracing `FAMILIES`."""
+def zoo_convolutions(names: tuple[str, ...] = FAMILIES) -> list[tuple[int, ...]]:
+    """(kernel, stride, padding, groups, in channels, out channels) of every distinct
+    convolution kind of the zoo models `names`, the one with fewest channels of each, from
+    tracing them."""
     seen = {}
 
     def record(lhs, rhs, window_strides, padding, **kwargs):
@@ -45,7 +46,7 @@ def zoo_convolutions() -> list[tuple[int, int, int, int, int, int]]:
 
     original, cpu_conv.conv_general_dilated = cpu_conv.conv_general_dilated, record
     try:
-        for name in FAMILIES:
+        for name in names:
             net = models.get_model(name, 10)
             side = models.smallest_input_size(net)
             jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))
@@ -132,7 +133,23 @@ def test_the_path_is_a_function_of_the_platform(monkeypatch):
         assert tap_products() == 0  # XLA's convolutions only
 
 
-STEP_MODELS = ("resnet8", "wrn_16_2", "mobilenetv2", "shufflenetv1")
+# Post- and pre-activation networks, and ShuffleNetV1, whose grouped 1x1 and depthwise
+# kernels make the step models cover every kind of kernel on the path (tested below).
+STEP_MODELS = ("resnet8", "wrn_16_2", "shufflenetv1")
+
+
+def kinds(convolutions) -> set[tuple[int, int, int, str]]:
+    """(kernel, stride, padding, grouping) of the convolutions that take the path."""
+    grouping = {True: "depthwise", False: "grouped"}
+    return {
+        (c[0], c[1], c[2], grouping[c[3] == c[4]] if c[3] > 1 else "dense")
+        for c in convolutions
+        if takes_the_path(c)
+    }
+
+
+def test_the_step_models_have_every_kind_of_kernel_on_the_path():
+    assert kinds(zoo_convolutions(STEP_MODELS)) == kinds(zoo_convolutions())
 
 
 def compiled_steps(name: str):
