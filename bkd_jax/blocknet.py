@@ -6,6 +6,11 @@ part is applied as a pure function of ``(variables, h)``, so a prefix of one net
 connector and a suffix of another compose as a plain, jittable function chain. Every zoo
 model is a BlockNet; `bkd_jax.blockwise` builds the stepping-stones from two of them.
 
+Every method that applies parts returns the variables last, in both modes: updated
+BatchNorm statistics in training, the variables it was given in inference, so that one
+call site serves both (`apply` is `(logits, variables)`, `features` is `(logits, feats,
+variables)`).
+
 Feature distillation reads more than block outputs: the stem output, each block's output
 before its final ReLU and the pooled embedding (what mdistiller's models return as
 `feats`, `preact_feats` and `pooled_feat`). These live inside the parts, so the parts
@@ -24,9 +29,9 @@ jittable as an array, and CNN and ViT BlockNets, whose parts see a plain array, 
 affected. Text networks have no feature maps: `taps` refuses them in words.
 
 Random keys: parts with dropout (BERT's) draw it from Flax's `dropout` RNG stream, and
-apply it only in training and only when given a key. The training methods (`apply_block`,
-`apply_head`, `apply_range`, `features`, `apply`) take an optional `rng`, from which each
-part gets its own key (`part_rng`); without one, training computes what inference does.
+apply it only in training and only when given a key. `apply_block`, `apply_head`,
+`apply_range`, `features` and `apply` take an optional `rng`, from which each part gets
+its own key (`part_rng`); without one, training computes what inference does.
 Parts without dropout ignore the key, so CNN and ViT BlockNets compute the same either way.
 """
 
@@ -131,14 +136,14 @@ def apply_part(
     *,
     train: bool,
     rng: jax.Array | None = None,
-):
-    """Applies one named part; returns `y`, or `(y, new_variables)` when training.
+) -> tuple[jax.Array, Variables]:
+    """Applies one named part: `(y, variables)`, updated in training (module docstring).
 
     `rng`, in training only, is the part's `dropout` key (module docstring).
     """
     part = _part(variables, name)
     if not train:
-        return module.apply(part, h, train=False)
+        return module.apply(part, h, train=False), variables
     rngs = {} if rng is None else {DROPOUT: rng}
     y, updates = module.apply(part, h, train=True, mutable=["batch_stats"], rngs=rngs)
     return y, with_part(variables, name, updates)
@@ -149,7 +154,9 @@ def part_rng(rng: jax.Array | None, index: int) -> jax.Array | None:
     return None if rng is None else jax.random.fold_in(rng, index)
 
 
-def _apply_tapped(module: nn.Module, variables: Variables, name: str, h: jax.Array, train: bool):
+def _apply_tapped(
+    module: nn.Module, variables: Variables, name: str, h: jax.Array, train: bool
+) -> tuple[jax.Array, dict[str, jax.Array], Variables]:
     """`apply_part` that also returns the taps the part records: `(y, taps, variables)`."""
     mutable = [TAPS, "batch_stats"] if train else [TAPS]
     y, updates = module.apply(_part(variables, name), h, train=train, mutable=mutable)
@@ -245,8 +252,8 @@ class BlockNet:
         *,
         train: bool = False,
         rng: jax.Array | None = None,
-    ):
-        """Block i (1-based). Returns `y`, or `(y, new_variables)` when `train`."""
+    ) -> tuple[jax.Array, Variables]:
+        """Block i (1-based): `(y, variables)`."""
         self._check_index(i)
         if i == 1:
             self.check_input(h)
@@ -260,8 +267,8 @@ class BlockNet:
         *,
         train: bool = False,
         rng: jax.Array | None = None,
-    ):
-        """The head. Returns logits, or `(logits, new_variables)` when `train`."""
+    ) -> tuple[jax.Array, Variables]:
+        """The head: `(logits, variables)`."""
         return apply_part(self.head, variables, "head", h, train=train, rng=part_rng(rng, 0))
 
     def apply_range(
@@ -273,14 +280,11 @@ class BlockNet:
         *,
         train: bool = False,
         rng: jax.Array | None = None,
-    ):
-        """Blocks start..stop (inclusive, 1-based); `stop < start` is the identity."""
+    ) -> tuple[jax.Array, Variables]:
+        """Blocks start..stop (inclusive, 1-based): `(h, variables)`; none when `stop < start`."""
         for i in range(start, stop + 1):
-            if train:
-                h, variables = self.apply_block(variables, i, h, train=True, rng=rng)
-            else:
-                h = self.apply_block(variables, i, h)
-        return (h, variables) if train else h
+            h, variables = self.apply_block(variables, i, h, train=train, rng=rng)
+        return h, variables
 
     def features(
         self,
@@ -289,20 +293,15 @@ class BlockNet:
         *,
         train: bool = False,
         rng: jax.Array | None = None,
-    ):
-        """Logits and the output of every block: `(logits, [f_1..f_n])`, plus variables."""
+    ) -> tuple[jax.Array, list[jax.Array], Variables]:
+        """Logits and the output of every block: `(logits, [f_1..f_n], variables)`."""
         feats = []
         h = x
         for i in range(1, self.num_blocks + 1):
-            if train:
-                h, variables = self.apply_block(variables, i, h, train=True, rng=rng)
-            else:
-                h = self.apply_block(variables, i, h)
+            h, variables = self.apply_block(variables, i, h, train=train, rng=rng)
             feats.append(h)
-        if train:
-            logits, variables = self.apply_head(variables, h, train=True, rng=rng)
-            return logits, feats, variables
-        return self.apply_head(variables, h), feats
+        logits, variables = self.apply_head(variables, h, train=train, rng=rng)
+        return logits, feats, variables
 
     def apply(
         self,
@@ -311,21 +310,25 @@ class BlockNet:
         *,
         train: bool = False,
         rng: jax.Array | None = None,
-    ):
-        """Logits, or `(logits, new_variables)` with updated BatchNorm statistics."""
-        out = self.features(variables, x, train=train, rng=rng)
-        return (out[0], out[2]) if train else out[0]
+    ) -> tuple[jax.Array, Variables]:
+        """The whole network: `(logits, variables)`."""
+        logits, _, variables = self.features(variables, x, train=train, rng=rng)
+        return logits, variables
 
-    def taps(self, variables: Variables, x: jax.Array, *, train: bool = False):
-        """Logits and the feature `Taps` of one pass: `(logits, taps)`, plus variables.
+    def taps(
+        self, variables: Variables, x: jax.Array, *, train: bool = False
+    ) -> tuple[jax.Array, Taps, Variables]:
+        """Logits and the feature `Taps` of one pass: `(logits, taps, variables)`.
 
         See `tapped_features`, which also returns the blocks' outputs.
         """
-        logits, _, taps, *new_variables = self.tapped_features(variables, x, train=train)
-        return (logits, taps, *new_variables)
+        logits, _, taps, variables = self.tapped_features(variables, x, train=train)
+        return logits, taps, variables
 
-    def tapped_features(self, variables: Variables, x: jax.Array, *, train: bool = False):
-        """`(logits, [f_1..f_n], taps)` of one pass, plus variables when `train`.
+    def tapped_features(
+        self, variables: Variables, x: jax.Array, *, train: bool = False
+    ) -> tuple[jax.Array, list[jax.Array], Taps, Variables]:
+        """`(logits, [f_1..f_n], taps, variables)` of one pass.
 
         `f_i` are the outputs of this BlockNet's blocks, as `features` returns them; the
         `blocks` taps are the same, except for token networks (`prefix_tokens`), whose
@@ -361,8 +364,7 @@ class BlockNet:
             if key not in recorded[part]:
                 raise ValueError(f"{self.name}: no {key!r} tap recorded")
         taps = Taps(recorded[0][STEM], tuple(blocks), tuple(preact), recorded[-1][POOLED])
-        features = outputs[:-1]
-        return (h, features, taps, variables) if train else (h, features, taps)
+        return h, outputs[:-1], taps, variables
 
 
 TEXT_ROWS = ("input_ids", "token_type_ids", "attention_mask")  # rows of a text input
@@ -405,7 +407,9 @@ class TextBlockNet(BlockNet):
         if not jnp.issubdtype(x.dtype, jnp.integer):
             raise ValueError(f"{self.name}: expected integer token ids, got dtype {x.dtype}")
 
-    def tapped_features(self, variables: Variables, x: jax.Array, *, train: bool = False):
+    def tapped_features(
+        self, variables: Variables, x: jax.Array, *, train: bool = False
+    ) -> tuple[jax.Array, list[jax.Array], Taps, Variables]:
         """Refused: feature taps are NHWC maps, which a text network does not have."""
         raise ValueError(
             f"{self.name} is a text network: it has no feature maps for methods that read "

@@ -283,8 +283,10 @@ class Connectors:
             variables = with_part(variables, self.part_name(i), part)
         return variables
 
-    def apply(self, variables: Variables, i: int, h: jax.Array, *, train: bool = False):
-        """C_i(h); returns `(y, new_variables)` when `train`."""
+    def apply(
+        self, variables: Variables, i: int, h: jax.Array, *, train: bool = False
+    ) -> tuple[jax.Array, Variables]:
+        """C_i(h): `(y, variables)`."""
         if not 1 <= i <= self.num_stones:
             raise ValueError(f"connector index {i} outside 1..{self.num_stones}")
         return apply_part(self.modules[i - 1], variables, self.part_name(i), h, train=train)

@@ -35,7 +35,7 @@ TENSORS = ("logits", "blocks", "stones", "taps", "index", "strong_view")
 
 
 class Forward(NamedTuple):
-    """One forward pass of a distiller; variables are the updated ones when training."""
+    """One forward pass of a distiller; variables are updated in training, else as given."""
 
     student_logits: jax.Array
     teacher_logits: jax.Array | None
@@ -243,26 +243,24 @@ class Distiller:
         if self.teacher is not None:
             teacher_vars = jax.lax.stop_gradient(teacher_vars)
             if self.taps:
-                teacher_logits, teacher_taps = self.teacher.taps(teacher_vars, images)
+                teacher_logits, teacher_taps, _ = self.teacher.taps(teacher_vars, images)
                 teacher_taps = jax.lax.stop_gradient(teacher_taps)
             else:
-                teacher_logits = self.teacher.apply(teacher_vars, images)
+                teacher_logits, _ = self.teacher.apply(teacher_vars, images)
             teacher_logits = jax.lax.stop_gradient(teacher_logits)
         if self.taps:
-            logits, feats, student_taps, *new_vars = self.student.tapped_features(
+            logits, feats, student_taps, student_vars = self.student.tapped_features(
                 student_vars, images, train=train
             )
-            student_vars = new_vars[0] if train else student_vars
-        elif train:
-            # The step's key (`steps.make_train_step`) drives the student's dropout, if any;
-            # folded so that it is not the key a method draws from itself (CRD's negatives).
+        else:
+            # The training step's key (`steps.make_train_step`) drives the student's dropout,
+            # if any; folded so that it is not the key a method draws from itself (CRD's
+            # negatives). Evaluation batches have none.
             rng = batch.get("rng")
             rng = None if rng is None else jax.random.fold_in(rng, DROPOUT_STREAM)
             logits, feats, student_vars = self.student.features(
-                student_vars, images, train=True, rng=rng
+                student_vars, images, train=train, rng=rng
             )
-        else:
-            logits, feats = self.student.features(student_vars, images)
         out = Forward(
             logits, teacher_logits, tuple(feats), {}, student_vars, module_vars, student_taps,
             teacher_taps, {},

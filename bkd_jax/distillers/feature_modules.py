@@ -169,8 +169,7 @@ class Heads:
         outputs = []
         xs = self.inputs(out.student_taps)
         for i, (module, x) in enumerate(zip(self.modules, xs, strict=True)):
-            y = apply_part(module, variables, self.part_name(i), x, train=train)
-            y, variables = y if train else (y, variables)
+            y, variables = apply_part(module, variables, self.part_name(i), x, train=train)
             outputs.append(y)
         extras = {**out.extras, self.name: tuple(outputs)}
         if self.teacher_extras is not None:
