@@ -1,10 +1,11 @@
 """The BlockNet contract: a network as n blocks and a head, each a pure function.
 
 A `BlockNet` is a network seen as n blocks and a head, each a Flax module with its own
-slice of the variables (``variables[collection]["block3"]``, ``[...]["head"]``). Every
-part is applied as a pure function of ``(variables, h)``, so a prefix of one network, a
-connector and a suffix of another compose as a plain, jittable function chain. Every zoo
-model is a BlockNet; `bkd_jax.blockwise` builds the stepping-stones from two of them.
+slice of the variables (``variables[collection]["block3"]``, ``[...]["head"]``: named
+`bkd_jax.parts.Parts`). Every part is applied as a pure function of ``(variables, h)``, so
+a prefix of one network, a connector and a suffix of another compose as a plain, jittable
+function chain. Every zoo model is a BlockNet; `bkd_jax.blockwise` builds the
+stepping-stones from two of them.
 
 Every method that applies parts returns the variables last, in both modes: updated
 BatchNorm statistics in training, the variables it was given in inference, so that one
@@ -39,14 +40,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Variables = Mapping[str, Any]
+from bkd_jax.parts import Parts, Variables, part_variables, with_part
 
 # The collection parts record their feature taps in: Flax's `intermediates`, which `init`
 # leaves out by default, so variable trees stay as they were. Then the taps a part may record.
@@ -59,7 +60,6 @@ PREACT = "preact"  # a block: its output before the final ReLU
 INPUT_PREACT = "input_preact"
 POOLED = "pooled"  # the head: the pooled embedding the classifier reads
 _TAP_NAMES = frozenset({STEM, PREACT, INPUT_PREACT, POOLED})
-DROPOUT = "dropout"  # the Flax RNG stream of parts with dropout (module docstring)
 
 
 class Taps(NamedTuple):
@@ -115,40 +115,6 @@ def patch_grid(tokens: jax.Array, prefix_tokens: int) -> jax.Array:
     return tokens[:, prefix_tokens:].reshape(batch, g, g, dim)
 
 
-def _part(variables: Variables, name: str) -> dict[str, Any]:
-    """The variables of one part (a block or the head), collection by collection."""
-    return {col: tree[name] for col, tree in variables.items() if name in tree}
-
-
-def with_part(variables: Variables, name: str, updates: Mapping[str, Any]) -> dict[str, Any]:
-    """`variables` with the collections in `updates` replaced for part `name`."""
-    new = {col: dict(tree) for col, tree in variables.items()}
-    for col, tree in updates.items():
-        new.setdefault(col, {})[name] = tree
-    return new
-
-
-def apply_part(
-    module: nn.Module,
-    variables: Variables,
-    name: str,
-    h: jax.Array,
-    *,
-    train: bool,
-    rng: jax.Array | None = None,
-) -> tuple[jax.Array, Variables]:
-    """Applies one named part: `(y, variables)`, updated in training (module docstring).
-
-    `rng`, in training only, is the part's `dropout` key (module docstring).
-    """
-    part = _part(variables, name)
-    if not train:
-        return module.apply(part, h, train=False), variables
-    rngs = {} if rng is None else {DROPOUT: rng}
-    y, updates = module.apply(part, h, train=True, mutable=["batch_stats"], rngs=rngs)
-    return y, with_part(variables, name, updates)
-
-
 def part_rng(rng: jax.Array | None, index: int) -> jax.Array | None:
     """The key of part `index` (block i: i, the head: 0) from a network's `rng`, if any."""
     return None if rng is None else jax.random.fold_in(rng, index)
@@ -157,9 +123,9 @@ def part_rng(rng: jax.Array | None, index: int) -> jax.Array | None:
 def _apply_tapped(
     module: nn.Module, variables: Variables, name: str, h: jax.Array, train: bool
 ) -> tuple[jax.Array, dict[str, jax.Array], Variables]:
-    """`apply_part` that also returns the taps the part records: `(y, taps, variables)`."""
+    """`Parts.apply` that also returns the taps the part records: `(y, taps, variables)`."""
     mutable = [TAPS, "batch_stats"] if train else [TAPS]
-    y, updates = module.apply(_part(variables, name), h, train=train, mutable=mutable)
+    y, updates = module.apply(part_variables(variables, name), h, train=train, mutable=mutable)
     updates = dict(updates)
     sown = dict(updates.pop(TAPS, {}))
     if unknown := sown.keys() - _TAP_NAMES:
@@ -208,6 +174,12 @@ class BlockNet:
     def part_name(i: int) -> str:
         return f"block{i}"
 
+    @property
+    def parts(self) -> Parts:
+        """Blocks 1..n, then the head."""
+        names = tuple(self.part_name(i) for i in range(1, self.num_blocks + 1))
+        return Parts((*names, "head"), (*self.blocks, self.head))
+
     def check_input(self, x: jax.Array) -> None:
         """Raises ValueError unless `x` is an NHWC batch with the expected channels."""
         if x.ndim != 4:
@@ -233,16 +205,7 @@ class BlockNet:
     def init(self, key: jax.Array, x: jax.Array) -> dict[str, Any]:
         """Initialises every part by running `x` through the network once."""
         self.check_input(x)
-        keys = jax.random.split(key, self.num_blocks + 1)
-        parts = [(self.part_name(i + 1), m) for i, m in enumerate(self.blocks)]
-        parts.append(("head", self.head))
-        variables: dict[str, Any] = {}
-        h = x
-        for (name, module), k in zip(parts, keys):
-            part_vars = module.init(k, h, train=False)
-            h = module.apply(part_vars, h, train=False)
-            variables = with_part(variables, name, part_vars)
-        return variables
+        return self.parts.init_chain(key, x)
 
     def apply_block(
         self,
@@ -258,7 +221,7 @@ class BlockNet:
         if i == 1:
             self.check_input(h)
         name = self.part_name(i)
-        return apply_part(self.blocks[i - 1], variables, name, h, train=train, rng=part_rng(rng, i))
+        return self.parts.apply(variables, name, h, train=train, rng=part_rng(rng, i))
 
     def apply_head(
         self,
@@ -269,7 +232,7 @@ class BlockNet:
         rng: jax.Array | None = None,
     ) -> tuple[jax.Array, Variables]:
         """The head: `(logits, variables)`."""
-        return apply_part(self.head, variables, "head", h, train=train, rng=part_rng(rng, 0))
+        return self.parts.apply(variables, "head", h, train=train, rng=part_rng(rng, 0))
 
     def apply_range(
         self,
@@ -340,10 +303,11 @@ class BlockNet:
         the stem alone (VGG's `block0`) and not a native block.
         """
         self.check_input(x)
-        names = [self.part_name(i) for i in range(1, self.num_blocks + 1)]
+        parts = self.parts
+        names = parts.names[:-1]
         outputs, recorded = [], []
         h = x
-        for name, module in zip([*names, "head"], [*self.blocks, self.head]):
+        for name, module in zip(parts.names, parts.modules):
             h, taps, variables = _apply_tapped(module, variables, name, h, train)
             outputs.append(h)
             recorded.append(taps)

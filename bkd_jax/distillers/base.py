@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from bkd_jax import losses
-from bkd_jax.blocknet import BlockNet, Taps, Variables
+from bkd_jax.blocknet import BlockNet, Taps
+from bkd_jax.parts import Variables, part_variables, with_part
 
 # Tensors a method may consume; `Method.consumes` documents which (taps: stem, block,
 # pre-activation outputs and pooled embeddings; index: each example's dataset index;
@@ -93,17 +94,23 @@ class CombinedModules:
     def init(self, key: jax.Array) -> dict[str, Any]:
         variables: dict[str, Any] = {}
         for (name, modules), k in zip(self.parts, jax.random.split(key, len(self.parts))):
-            for collection, tree in modules.init(k).items():
-                variables.setdefault(collection, {})[name] = tree
+            variables = with_part(variables, name, modules.init(k))
         return variables
 
-    def apply(self, variables, out, batch, teacher_vars, *, train: bool):
+    def apply(
+        self,
+        variables: Variables,
+        out: Forward,
+        batch: Mapping[str, jax.Array],
+        teacher_vars: Variables,
+        *,
+        train: bool,
+    ) -> tuple[Forward, Variables]:
         new: dict[str, Any] = {}
         for name, modules in self.parts:
-            own = {c: tree[name] for c, tree in variables.items() if name in tree}
+            own = part_variables(variables, name)
             out, own = modules.apply(own, out, batch, teacher_vars, train=train)
-            for collection, tree in own.items():
-                new.setdefault(collection, {})[name] = tree
+            new = with_part(new, name, own)
         return out, new
 
 
