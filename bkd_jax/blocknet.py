@@ -1,10 +1,16 @@
 """The BlockNet contract: a network as n blocks and a head, each a pure function.
 
 A `BlockNet` is a network seen as n blocks and a head, each a Flax module with its own
-slice of the variables (``variables[collection]["block3"]``, ``[...]["head"]``). Every
-part is applied as a pure function of ``(variables, h)``, so a prefix of one network, a
-connector and a suffix of another compose as a plain, jittable function chain. Every zoo
-model is a BlockNet; `bkd_jax.blockwise` builds the stepping-stones from two of them.
+slice of the variables (``variables[collection]["block3"]``, ``[...]["head"]``: named
+`bkd_jax.parts.Parts`). Every part is applied as a pure function of ``(variables, h)``, so
+a prefix of one network, a connector and a suffix of another compose as a plain, jittable
+function chain. Every zoo model is a BlockNet; `bkd_jax.blockwise` builds the
+stepping-stones from two of them.
+
+Every method that applies parts returns the variables last, in both modes: updated
+BatchNorm statistics in training, the variables it was given in inference, so that one
+call site serves both (`apply` is `(logits, variables)`, `features` is `(logits, feats,
+variables)`).
 
 Feature distillation reads more than block outputs: the stem output, each block's output
 before its final ReLU and the pooled embedding (what mdistiller's models return as
@@ -24,9 +30,9 @@ jittable as an array, and CNN and ViT BlockNets, whose parts see a plain array, 
 affected. Text networks have no feature maps: `taps` refuses them in words.
 
 Random keys: parts with dropout (BERT's) draw it from Flax's `dropout` RNG stream, and
-apply it only in training and only when given a key. The training methods (`apply_block`,
-`apply_head`, `apply_range`, `features`, `apply`) take an optional `rng`, from which each
-part gets its own key (`part_rng`); without one, training computes what inference does.
+apply it only in training and only when given a key. `apply_block`, `apply_head`,
+`apply_range`, `features` and `apply` take an optional `rng`, from which each part gets
+its own key (`part_rng`); without one, training computes what inference does.
 Parts without dropout ignore the key, so CNN and ViT BlockNets compute the same either way.
 """
 
@@ -34,14 +40,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-Variables = Mapping[str, Any]
+from bkd_jax.parts import Parts, Variables, part_variables, with_part
 
 # The collection parts record their feature taps in: Flax's `intermediates`, which `init`
 # leaves out by default, so variable trees stay as they were. Then the taps a part may record.
@@ -54,7 +60,6 @@ PREACT = "preact"  # a block: its output before the final ReLU
 INPUT_PREACT = "input_preact"
 POOLED = "pooled"  # the head: the pooled embedding the classifier reads
 _TAP_NAMES = frozenset({STEM, PREACT, INPUT_PREACT, POOLED})
-DROPOUT = "dropout"  # the Flax RNG stream of parts with dropout (module docstring)
 
 
 class Taps(NamedTuple):
@@ -110,49 +115,17 @@ def patch_grid(tokens: jax.Array, prefix_tokens: int) -> jax.Array:
     return tokens[:, prefix_tokens:].reshape(batch, g, g, dim)
 
 
-def _part(variables: Variables, name: str) -> dict[str, Any]:
-    """The variables of one part (a block or the head), collection by collection."""
-    return {col: tree[name] for col, tree in variables.items() if name in tree}
-
-
-def with_part(variables: Variables, name: str, updates: Mapping[str, Any]) -> dict[str, Any]:
-    """`variables` with the collections in `updates` replaced for part `name`."""
-    new = {col: dict(tree) for col, tree in variables.items()}
-    for col, tree in updates.items():
-        new.setdefault(col, {})[name] = tree
-    return new
-
-
-def apply_part(
-    module: nn.Module,
-    variables: Variables,
-    name: str,
-    h: jax.Array,
-    *,
-    train: bool,
-    rng: jax.Array | None = None,
-):
-    """Applies one named part; returns `y`, or `(y, new_variables)` when training.
-
-    `rng`, in training only, is the part's `dropout` key (module docstring).
-    """
-    part = _part(variables, name)
-    if not train:
-        return module.apply(part, h, train=False)
-    rngs = {} if rng is None else {DROPOUT: rng}
-    y, updates = module.apply(part, h, train=True, mutable=["batch_stats"], rngs=rngs)
-    return y, with_part(variables, name, updates)
-
-
 def part_rng(rng: jax.Array | None, index: int) -> jax.Array | None:
     """The key of part `index` (block i: i, the head: 0) from a network's `rng`, if any."""
     return None if rng is None else jax.random.fold_in(rng, index)
 
 
-def _apply_tapped(module: nn.Module, variables: Variables, name: str, h: jax.Array, train: bool):
-    """`apply_part` that also returns the taps the part records: `(y, taps, variables)`."""
+def _apply_tapped(
+    module: nn.Module, variables: Variables, name: str, h: jax.Array, train: bool
+) -> tuple[jax.Array, dict[str, jax.Array], Variables]:
+    """`Parts.apply` that also returns the taps the part records: `(y, taps, variables)`."""
     mutable = [TAPS, "batch_stats"] if train else [TAPS]
-    y, updates = module.apply(_part(variables, name), h, train=train, mutable=mutable)
+    y, updates = module.apply(part_variables(variables, name), h, train=train, mutable=mutable)
     updates = dict(updates)
     sown = dict(updates.pop(TAPS, {}))
     if unknown := sown.keys() - _TAP_NAMES:
@@ -201,6 +174,12 @@ class BlockNet:
     def part_name(i: int) -> str:
         return f"block{i}"
 
+    @property
+    def parts(self) -> Parts:
+        """Blocks 1..n, then the head."""
+        names = tuple(self.part_name(i) for i in range(1, self.num_blocks + 1))
+        return Parts((*names, "head"), (*self.blocks, self.head))
+
     def check_input(self, x: jax.Array) -> None:
         """Raises ValueError unless `x` is an NHWC batch with the expected channels."""
         if x.ndim != 4:
@@ -226,16 +205,7 @@ class BlockNet:
     def init(self, key: jax.Array, x: jax.Array) -> dict[str, Any]:
         """Initialises every part by running `x` through the network once."""
         self.check_input(x)
-        keys = jax.random.split(key, self.num_blocks + 1)
-        parts = [(self.part_name(i + 1), m) for i, m in enumerate(self.blocks)]
-        parts.append(("head", self.head))
-        variables: dict[str, Any] = {}
-        h = x
-        for (name, module), k in zip(parts, keys):
-            part_vars = module.init(k, h, train=False)
-            h = module.apply(part_vars, h, train=False)
-            variables = with_part(variables, name, part_vars)
-        return variables
+        return self.parts.init_chain(key, x)
 
     def apply_block(
         self,
@@ -245,13 +215,13 @@ class BlockNet:
         *,
         train: bool = False,
         rng: jax.Array | None = None,
-    ):
-        """Block i (1-based). Returns `y`, or `(y, new_variables)` when `train`."""
+    ) -> tuple[jax.Array, Variables]:
+        """Block i (1-based): `(y, variables)`."""
         self._check_index(i)
         if i == 1:
             self.check_input(h)
         name = self.part_name(i)
-        return apply_part(self.blocks[i - 1], variables, name, h, train=train, rng=part_rng(rng, i))
+        return self.parts.apply(variables, name, h, train=train, rng=part_rng(rng, i))
 
     def apply_head(
         self,
@@ -260,9 +230,9 @@ class BlockNet:
         *,
         train: bool = False,
         rng: jax.Array | None = None,
-    ):
-        """The head. Returns logits, or `(logits, new_variables)` when `train`."""
-        return apply_part(self.head, variables, "head", h, train=train, rng=part_rng(rng, 0))
+    ) -> tuple[jax.Array, Variables]:
+        """The head: `(logits, variables)`."""
+        return self.parts.apply(variables, "head", h, train=train, rng=part_rng(rng, 0))
 
     def apply_range(
         self,
@@ -273,14 +243,11 @@ class BlockNet:
         *,
         train: bool = False,
         rng: jax.Array | None = None,
-    ):
-        """Blocks start..stop (inclusive, 1-based); `stop < start` is the identity."""
+    ) -> tuple[jax.Array, Variables]:
+        """Blocks start..stop (inclusive, 1-based): `(h, variables)`; none when `stop < start`."""
         for i in range(start, stop + 1):
-            if train:
-                h, variables = self.apply_block(variables, i, h, train=True, rng=rng)
-            else:
-                h = self.apply_block(variables, i, h)
-        return (h, variables) if train else h
+            h, variables = self.apply_block(variables, i, h, train=train, rng=rng)
+        return h, variables
 
     def features(
         self,
@@ -289,20 +256,15 @@ class BlockNet:
         *,
         train: bool = False,
         rng: jax.Array | None = None,
-    ):
-        """Logits and the output of every block: `(logits, [f_1..f_n])`, plus variables."""
+    ) -> tuple[jax.Array, list[jax.Array], Variables]:
+        """Logits and the output of every block: `(logits, [f_1..f_n], variables)`."""
         feats = []
         h = x
         for i in range(1, self.num_blocks + 1):
-            if train:
-                h, variables = self.apply_block(variables, i, h, train=True, rng=rng)
-            else:
-                h = self.apply_block(variables, i, h)
+            h, variables = self.apply_block(variables, i, h, train=train, rng=rng)
             feats.append(h)
-        if train:
-            logits, variables = self.apply_head(variables, h, train=True, rng=rng)
-            return logits, feats, variables
-        return self.apply_head(variables, h), feats
+        logits, variables = self.apply_head(variables, h, train=train, rng=rng)
+        return logits, feats, variables
 
     def apply(
         self,
@@ -311,21 +273,25 @@ class BlockNet:
         *,
         train: bool = False,
         rng: jax.Array | None = None,
-    ):
-        """Logits, or `(logits, new_variables)` with updated BatchNorm statistics."""
-        out = self.features(variables, x, train=train, rng=rng)
-        return (out[0], out[2]) if train else out[0]
+    ) -> tuple[jax.Array, Variables]:
+        """The whole network: `(logits, variables)`."""
+        logits, _, variables = self.features(variables, x, train=train, rng=rng)
+        return logits, variables
 
-    def taps(self, variables: Variables, x: jax.Array, *, train: bool = False):
-        """Logits and the feature `Taps` of one pass: `(logits, taps)`, plus variables.
+    def taps(
+        self, variables: Variables, x: jax.Array, *, train: bool = False
+    ) -> tuple[jax.Array, Taps, Variables]:
+        """Logits and the feature `Taps` of one pass: `(logits, taps, variables)`.
 
         See `tapped_features`, which also returns the blocks' outputs.
         """
-        logits, _, taps, *new_variables = self.tapped_features(variables, x, train=train)
-        return (logits, taps, *new_variables)
+        logits, _, taps, variables = self.tapped_features(variables, x, train=train)
+        return logits, taps, variables
 
-    def tapped_features(self, variables: Variables, x: jax.Array, *, train: bool = False):
-        """`(logits, [f_1..f_n], taps)` of one pass, plus variables when `train`.
+    def tapped_features(
+        self, variables: Variables, x: jax.Array, *, train: bool = False
+    ) -> tuple[jax.Array, list[jax.Array], Taps, Variables]:
+        """`(logits, [f_1..f_n], taps, variables)` of one pass.
 
         `f_i` are the outputs of this BlockNet's blocks, as `features` returns them; the
         `blocks` taps are the same, except for token networks (`prefix_tokens`), whose
@@ -337,10 +303,11 @@ class BlockNet:
         the stem alone (VGG's `block0`) and not a native block.
         """
         self.check_input(x)
-        names = [self.part_name(i) for i in range(1, self.num_blocks + 1)]
+        parts = self.parts
+        names = parts.names[:-1]
         outputs, recorded = [], []
         h = x
-        for name, module in zip([*names, "head"], [*self.blocks, self.head]):
+        for name, module in zip(parts.names, parts.modules):
             h, taps, variables = _apply_tapped(module, variables, name, h, train)
             outputs.append(h)
             recorded.append(taps)
@@ -361,8 +328,7 @@ class BlockNet:
             if key not in recorded[part]:
                 raise ValueError(f"{self.name}: no {key!r} tap recorded")
         taps = Taps(recorded[0][STEM], tuple(blocks), tuple(preact), recorded[-1][POOLED])
-        features = outputs[:-1]
-        return (h, features, taps, variables) if train else (h, features, taps)
+        return h, outputs[:-1], taps, variables
 
 
 TEXT_ROWS = ("input_ids", "token_type_ids", "attention_mask")  # rows of a text input
@@ -405,7 +371,9 @@ class TextBlockNet(BlockNet):
         if not jnp.issubdtype(x.dtype, jnp.integer):
             raise ValueError(f"{self.name}: expected integer token ids, got dtype {x.dtype}")
 
-    def tapped_features(self, variables: Variables, x: jax.Array, *, train: bool = False):
+    def tapped_features(
+        self, variables: Variables, x: jax.Array, *, train: bool = False
+    ) -> tuple[jax.Array, list[jax.Array], Taps, Variables]:
         """Refused: feature taps are NHWC maps, which a text network does not have."""
         raise ValueError(
             f"{self.name} is a text network: it has no feature maps for methods that read "

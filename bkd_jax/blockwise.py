@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from bkd_jax.blocknet import BlockNet, Variables
+from bkd_jax.connectors import Connectors
 
 
 class SteppingStoneOutput(NamedTuple):
-    """What `stepping_stones` computes; variables are the updated ones when training."""
+    """What `stepping_stones` computes; variables are updated in training, else as given."""
 
     student_logits: jax.Array
     features: tuple[jax.Array, ...]  # student output at each cut 1..n
@@ -41,7 +42,7 @@ def _teacher_block(teacher: BlockNet, j: int, remat: bool):
     """`(variables, h) -> y` of teacher block j in inference mode, optionally rematerialised."""
 
     def block(variables: Variables, h: jax.Array) -> jax.Array:
-        return teacher.apply_block(variables, j, h)
+        return teacher.apply_block(variables, j, h)[0]
 
     return jax.checkpoint(block) if remat else block
 
@@ -61,7 +62,7 @@ def _teacher_suffixes(
     for i, (start, h) in entries.items():
         for j in range(start, teacher.num_blocks + 1):
             h = _teacher_block(teacher, j, remat)(teacher_vars, h)
-        logits[i] = teacher.apply_head(teacher_vars, h)
+        logits[i], _ = teacher.apply_head(teacher_vars, h)
     return logits
 
 
@@ -95,7 +96,7 @@ def _batched_teacher_suffixes(
             h = _concatenate(joining if h is None else [h, *joining])
         if j <= teacher.num_blocks:
             h = _teacher_block(teacher, j, remat)(teacher_vars, h)
-    logits = teacher.apply_head(teacher_vars, h)
+    logits, _ = teacher.apply_head(teacher_vars, h)
     bounds = np.cumsum([_batch_size(entries[i][1]) for i in order])[:-1]
     by_stone = dict(zip(order, jnp.split(logits, bounds)))
     return {i: by_stone[i] for i in entries}
@@ -105,18 +106,18 @@ def stone_logits(
     student_features: Sequence[jax.Array],
     teacher: BlockNet,
     teacher_vars: Variables,
-    connectors,
+    connectors: Connectors,
     connector_vars: Variables,
     *,
     stones: Sequence[int],
     train: bool,
     batch_stones: bool = True,
     remat_teacher: bool = False,
-):
+) -> tuple[dict[int, jax.Array], Variables]:
     """Logits of the stepping-stones N_i for i in `stones`, from the student's block outputs.
 
     `student_features` are the outputs of the student's native blocks (`BlockNet.features`).
-    Returns `{i: logits}`, and with `train` also the connectors' updated variables.
+    Returns `({i: logits}, connector_vars)`, the connectors' variables updated in training.
     """
     n = connectors.num_stones
     for i in stones:
@@ -127,16 +128,13 @@ def stone_logits(
     feats = [student_features[c - 1] for c in connectors.student_cuts]
     entries = {}
     for i in stones:
-        if train:
-            h, connector_vars = connectors.apply(connector_vars, i, feats[i - 1], train=True)
-        else:
-            h = connectors.apply(connector_vars, i, feats[i - 1])
+        h, connector_vars = connectors.apply(connector_vars, i, feats[i - 1], train=train)
         entries[i] = (connectors.teacher_cuts[i - 1] + 1, h)
     logits = {}
     if entries:
         run = _batched_teacher_suffixes if batch_stones else _teacher_suffixes
         logits = run(teacher, teacher_vars, entries, remat=remat_teacher)
-    return (logits, connector_vars) if train else logits
+    return logits, connector_vars
 
 
 def stepping_stones(
@@ -144,7 +142,7 @@ def stepping_stones(
     student_vars: Variables,
     teacher: BlockNet,
     teacher_vars: Variables,
-    connectors,
+    connectors: Connectors,
     connector_vars: Variables,
     x: jax.Array,
     *,
@@ -165,14 +163,10 @@ def stepping_stones(
     recomputes the activations of teacher blocks in the backward pass instead of storing
     them (memory for compute).
     """
-    if train:
-        student_logits, native_feats, student_vars = student.features(student_vars, x, train=True)
-    else:
-        student_logits, native_feats = student.features(student_vars, x)
-    out = stone_logits(
+    student_logits, native_feats, student_vars = student.features(student_vars, x, train=train)
+    logits, connector_vars = stone_logits(
         native_feats, teacher, teacher_vars, connectors, connector_vars, stones=stones,
         train=train, batch_stones=batch_stones, remat_teacher=remat_teacher,
     )  # fmt: skip
-    logits, connector_vars = out if train else (out, connector_vars)
     feats = tuple(native_feats[c - 1] for c in connectors.student_cuts)
     return SteppingStoneOutput(student_logits, feats, logits, student_vars, connector_vars)

@@ -48,17 +48,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bkd_jax.blocknet import (
-    BlockNet,
-    MaskedTokens,
-    TextBlockNet,
-    Variables,
-    apply_part,
-    grid_side,
-    patch_grid,
-    with_part,
-)
+from bkd_jax.blocknet import BlockNet, MaskedTokens, TextBlockNet, grid_side, patch_grid
 from bkd_jax.models.layers import batch_norm, conv
+from bkd_jax.parts import Parts, Variables
 
 Grouping = tuple[tuple[int, ...], tuple[int, ...]]
 UPSAMPLING = ("nearest", "bilinear")
@@ -256,7 +248,10 @@ def _connector(
 
 @dataclasses.dataclass(frozen=True)
 class Connectors:
-    """The n connectors of one (student, teacher, input shape) pair, with their cuts."""
+    """The n connectors of one (student, teacher, input shape) pair, with their cuts.
+
+    C_i is part `connector{i}` of the connectors' variables (`bkd_jax.parts.Parts`).
+    """
 
     student_cuts: tuple[int, ...]
     teacher_cuts: tuple[int, ...]
@@ -272,22 +267,27 @@ class Connectors:
     def part_name(i: int) -> str:
         return f"connector{i}"
 
+    @property
+    def parts(self) -> Parts:
+        names = tuple(self.part_name(i) for i in range(1, self.num_stones + 1))
+        return Parts(names, self.modules)
+
+    def example(self, i: int) -> Any:
+        """A batch of one input of C_i, to initialise it on."""
+        return jnp.zeros((1, *self.in_shapes[i - 1]), jnp.float32)
+
     def init(self, key: jax.Array, stones: Sequence[int] | None = None) -> dict[str, Any]:
         """Variables of C_i for i in `stones` (default all); unused connectors get none."""
         stones = range(1, self.num_stones + 1) if stones is None else stones
-        keys = jax.random.split(key, self.num_stones)
-        variables: dict[str, Any] = {}
-        for i in stones:
-            x = jnp.zeros((1, *self.in_shapes[i - 1]), jnp.float32)
-            part = self.modules[i - 1].init(keys[i - 1], x, train=False)
-            variables = with_part(variables, self.part_name(i), part)
-        return variables
+        return self.parts.init(key, {self.part_name(i): self.example(i) for i in stones})
 
-    def apply(self, variables: Variables, i: int, h: jax.Array, *, train: bool = False):
-        """C_i(h); returns `(y, new_variables)` when `train`."""
+    def apply(
+        self, variables: Variables, i: int, h: jax.Array, *, train: bool = False
+    ) -> tuple[jax.Array, Variables]:
+        """C_i(h): `(y, variables)`."""
         if not 1 <= i <= self.num_stones:
             raise ValueError(f"connector index {i} outside 1..{self.num_stones}")
-        return apply_part(self.modules[i - 1], variables, self.part_name(i), h, train=train)
+        return self.parts.apply(variables, self.part_name(i), h, train=train)
 
 
 def make_connectors(
@@ -376,16 +376,9 @@ class TextConnector(nn.Module):
 class TextConnectors(Connectors):
     """`Connectors` between text networks: `in_shapes` are `(length, dim)` per cut."""
 
-    def init(self, key: jax.Array, stones: Sequence[int] | None = None) -> dict[str, Any]:
-        stones = range(1, self.num_stones + 1) if stones is None else stones
-        keys = jax.random.split(key, self.num_stones)
-        variables: dict[str, Any] = {}
-        for i in stones:
-            length, dim = self.in_shapes[i - 1]
-            h = MaskedTokens(jnp.zeros((1, length, dim)), jnp.ones((1, length), jnp.int32))
-            part = self.modules[i - 1].init(keys[i - 1], h, train=False)
-            variables = with_part(variables, self.part_name(i), part)
-        return variables
+    def example(self, i: int) -> MaskedTokens:
+        length, dim = self.in_shapes[i - 1]
+        return MaskedTokens(jnp.zeros((1, length, dim)), jnp.ones((1, length), jnp.int32))
 
 
 def make_text_connectors(

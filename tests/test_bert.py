@@ -75,12 +75,13 @@ def test_counts_equal_transformers_models_of_the_same_config(name):
 
 def test_blocks_pass_masked_tokens_and_chain_to_apply(net_and_vars):
     net, variables, x = net_and_vars
-    h = net.apply_block(variables, 1, x)
+    h, _ = net.apply_block(variables, 1, x)
     assert isinstance(h, MaskedTokens)
     assert h.tokens.shape == (3, 8, 128)
     np.testing.assert_array_equal(h.mask, x[:, 2])
-    h = net.apply_block(variables, 2, h)
-    np.testing.assert_allclose(net.apply_head(variables, h), net.apply(variables, x), atol=1e-6)
+    h, _ = net.apply_block(variables, 2, h)
+    logits, _ = net.apply(variables, x)
+    np.testing.assert_allclose(net.apply_head(variables, h)[0], logits, atol=1e-6)
 
 
 def test_groups_cut_the_same_function(net_and_vars):
@@ -89,24 +90,24 @@ def test_groups_cut_the_same_function(net_and_vars):
     merged = {"params": {"block1": {**variables["params"]["block1"]}}}
     merged["params"]["block1"].update(variables["params"]["block2"])
     merged["params"]["head"] = variables["params"]["head"]
-    np.testing.assert_allclose(one.apply(merged, x), net.apply(variables, x), atol=1e-5)
+    np.testing.assert_allclose(one.apply(merged, x)[0], net.apply(variables, x)[0], atol=1e-5)
 
 
 def test_a_padded_batch_gives_each_sequence_its_own_logits(net_and_vars):
     net, variables, x = net_and_vars
-    batched = net.apply(variables, x)
+    batched, _ = net.apply(variables, x)
     for row, length in enumerate([7, 3, 5]):
-        alone = net.apply(variables, x[row : row + 1, :, :length])
+        alone, _ = net.apply(variables, x[row : row + 1, :, :length])
         np.testing.assert_allclose(batched[row], alone[0], atol=2e-5)
     # Changing what sits at padded positions changes nothing.
     noisy = x.at[1, 0, 3:].set(42).at[1, 1, 3:].set(1)
-    np.testing.assert_allclose(net.apply(variables, noisy)[1], batched[1], atol=1e-6)
+    np.testing.assert_allclose(net.apply(variables, noisy)[0][1], batched[1], atol=1e-6)
 
 
 def test_regression_head_has_one_output(net_and_vars):
     _, _, x = net_and_vars
     net = tiny(num_classes=1)
-    assert net.apply(net.init(jax.random.key(0), x), x).shape == (3, 1)
+    assert net.apply(net.init(jax.random.key(0), x), x)[0].shape == (3, 1)
 
 
 def test_bad_inputs_and_options_fail_in_words(net_and_vars):
@@ -125,7 +126,7 @@ def test_bad_inputs_and_options_fail_in_words(net_and_vars):
 
 def test_dropout_applies_in_training_with_a_key_only(net_and_vars):
     net, variables, x = net_and_vars
-    inference = net.apply(variables, x)
+    inference, _ = net.apply(variables, x)
     trained = lambda rng: net.apply(variables, x, train=True, rng=rng)[0]  # noqa: E731
     key = jax.random.key(3)
     np.testing.assert_array_equal(trained(None), inference)  # no key: no dropout

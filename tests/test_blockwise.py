@@ -54,13 +54,10 @@ def connect(teacher, student, x):
 def manual_stone(teacher, student, conns, variables, x, i, *, train=False):
     """N_i written out block by block, the teacher always in inference mode."""
     tv, sv, cv = variables
-    if train:
-        h, _ = student.apply_range(sv, x, 1, conns.student_cuts[i - 1], train=True)
-        h, _ = conns.apply(cv, i, h, train=True)
-    else:
-        h = conns.apply(cv, i, student.apply_range(sv, x, 1, conns.student_cuts[i - 1]))
-    h = teacher.apply_range(tv, h, conns.teacher_cuts[i - 1] + 1, teacher.num_blocks)
-    return teacher.apply_head(tv, h)
+    h, _ = student.apply_range(sv, x, 1, conns.student_cuts[i - 1], train=train)
+    h, _ = conns.apply(cv, i, h, train=train)
+    h, _ = teacher.apply_range(tv, h, conns.teacher_cuts[i - 1] + 1, teacher.num_blocks)
+    return teacher.apply_head(tv, h)[0]
 
 
 def _close(a, b, tol=1e-4):
@@ -82,8 +79,8 @@ def test_every_stone_is_the_written_out_composition(pair):
         for i in range(1, n + 1):
             expected = manual_stone(teacher, student, conns, variables, x, i, train=train)
             _close(out.stone_logits[i], expected)
-        student_logits = student.apply(sv, x, train=train)
-        _close(out.student_logits, student_logits[0] if train else student_logits)
+        student_logits, _ = student.apply(sv, x, train=train)
+        _close(out.student_logits, student_logits)
         assert len(out.features) == n
         if train:  # student and connector statistics move; the teacher is never returned
             moved = [out.student_vars["batch_stats"], out.connector_vars["batch_stats"]]
@@ -101,7 +98,7 @@ def grad_norm(grads) -> float:
 def test_gradients_reach_exactly_the_blocks_below_each_stone(pair):
     teacher, student, conns, (tv, sv, cv), x = build(*pair)
     n = conns.num_stones
-    logits_shape = teacher.apply(tv, x).shape
+    logits_shape = teacher.apply(tv, x)[0].shape
     probe = jax.random.normal(jax.random.key(4), logits_shape)  # a random linear read-out
     teacher_before = jax.tree.map(np.asarray, tv)
 
@@ -162,12 +159,12 @@ def test_connector_adapts_space_and_channels_and_mirrors_activation():
     feats = stepping_stones(student, sv, teacher, tv, conns, cv, x, stones=(), train=False).features
     t_feats = teacher.features(tv, x)[1]
     for i in range(1, conns.num_stones + 1):
-        y = conns.apply(cv, i, feats[i - 1])
+        y, _ = conns.apply(cv, i, feats[i - 1])
         assert y.shape == t_feats[conns.teacher_cuts[i - 1] - 1].shape
         assert float(y.min()) >= 0  # resnet32x4 blocks end in ReLU, so C_i does too
     _, wrn_s, wrn_c, (_, wsv, wcv), wx = build(*PAIRS[1])
-    h = wrn_s.apply_range(wsv, wx, 1, 1)
-    assert float(wrn_c.apply(wcv, 1, h).min()) < 0  # pre-activation WRN: no ReLU
+    h, _ = wrn_s.apply_range(wsv, wx, 1, 1)
+    assert float(wrn_c.apply(wcv, 1, h)[0].min()) < 0  # pre-activation WRN: no ReLU
 
 
 def test_bad_stone_index_and_unconnectable_pairs_are_rejected():

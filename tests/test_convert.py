@@ -109,7 +109,7 @@ def test_every_zoo_layout_converts_exactly(name, layouts):
     num_classes = sd[[k for k, s in layouts[name] if len(s) == 2][-1]].shape[0]
     net = models.get_model(name, num_classes)
     # The model accepts the tree as is (traced only: parity below runs real numbers).
-    logits = jax.eval_shape(net.apply, variables, images(1, input_size(name)))
+    logits, _ = jax.eval_shape(net.apply, variables, images(1, input_size(name)))
     assert logits.shape == (1, num_classes)
 
 
@@ -327,7 +327,7 @@ def test_converted_taps_match_pytorch(name, torch, tmp_path):
     with jax.enable_x64(True):
         net = models.get_model(name, expected_logits.shape[1], dtype=jnp.float64)
         variables = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), variables)
-        logits, taps = net.taps(variables, jnp.asarray(x))
+        logits, taps, _ = net.taps(variables, jnp.asarray(x))
         got, want = _named(logits, taps), _named(expected_logits, expected)
     assert got.keys() == want.keys()
     assert all(v.dtype == np.float64 for v in got.values())
@@ -388,7 +388,8 @@ def test_converted_teacher_is_evaluated_and_distilled_from_by_the_trainer(torch,
     net, variables = models.get_model("resnet8", 10), convert.from_pytorch_state_dict("resnet8", sd)
     hits = total = 0
     for batch in pipeline.eval_batches(config.dataset, global_batch_size=64):
-        predicted = np.argmax(net.apply(variables, jnp.asarray(batch["image"])), axis=-1)
+        logits, _ = net.apply(variables, jnp.asarray(batch["image"]))
+        predicted = np.argmax(logits, axis=-1)
         hits += int(((predicted == batch["label"]) & batch["mask"]).sum())
         total += int(batch["mask"].sum())
     assert summary["eval"]["eval/count"] == total == 360

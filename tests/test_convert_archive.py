@@ -59,7 +59,7 @@ def _logits_match(original, name: str, directory: pathlib.Path, size: int) -> di
         expected, _ = original(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))
     expected = expected.numpy()
     net = models.get_model(name, metadata["num_classes"])
-    logits = np.asarray(net.apply(variables, jnp.asarray(x)))
+    logits = np.asarray(net.apply(variables, jnp.asarray(x))[0])
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
     return metadata
 

@@ -118,7 +118,7 @@ def test_converted_logits_equal_the_float64_definition(converted):
     sd, done = converted
     ids, types, mask = padded_batch()
     net = bert.get_model("bert_2x128", CLASSES, groups=2, **OPTIONS)
-    logits = net.apply(done.variables, text_input(ids, types, mask))
+    logits, _ = net.apply(done.variables, text_input(ids, types, mask))
     np.testing.assert_allclose(logits, numpy_bert(sd, ids, types, mask), atol=1e-5)
     assert done.num_classes == CLASSES and not done.dropped and not done.initialised
 
@@ -142,7 +142,7 @@ def test_converted_logits_equal_transformers_bert(converted):
             attention_mask=torch.from_numpy(mask),
         ).logits.numpy()  # fmt: skip
     net = bert.get_model("bert_2x128", CLASSES, groups=2, **OPTIONS)
-    ours = net.apply(done.variables, text_input(ids, types, mask))
+    ours, _ = net.apply(done.variables, text_input(ids, types, mask))
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 

@@ -155,7 +155,8 @@ def test_compiled_flops_are_one_teacher_forward_and_one_input_gradient_per_stone
     feats = teacher.features(teacher_vars, batch["image"])[1]
 
     def suffix(h, start):
-        return teacher.apply_head(teacher_vars, teacher.apply_range(teacher_vars, h, start, 3))
+        h, _ = teacher.apply_range(teacher_vars, h, start, 3)
+        return teacher.apply_head(teacher_vars, h)[0]
 
     suffixes = sum(
         bench.cost_flops(jax.jit(suffix, static_argnums=1).lower(feats[start - 2], start).compile())

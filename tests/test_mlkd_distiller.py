@@ -28,7 +28,7 @@ def test_objective_reads_both_views_and_the_student_normalises_twice():
     np.testing.assert_allclose(out.extras["strong_student_logits"], strong, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(
         out.extras["strong_teacher_logits"],
-        teacher.apply(teacher_vars, batch["image_strong"]),
+        teacher.apply(teacher_vars, batch["image_strong"])[0],
         rtol=1e-5,
         atol=1e-6,
     )

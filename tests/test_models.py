@@ -72,13 +72,14 @@ def test_blocks_chain_to_apply_and_batchnorm_updates_only_in_training(name):
     x = images(BATCH, input_size(name))
     variables = net.init(jax.random.key(0, impl=RNG_IMPL), x)
 
-    logits = net.apply(variables, x)
+    logits, same = net.apply(variables, x)
+    assert same is variables  # inference returns the variables it was given
     assert logits.shape == (BATCH, num_classes(name))
     assert np.isfinite(np.asarray(logits)).all()
     h = x
     for i in range(1, net.num_blocks + 1):
-        h = net.apply_block(variables, i, h)
-    _close(net.apply_head(variables, h), logits)
+        h, _ = net.apply_block(variables, i, h)
+    _close(net.apply_head(variables, h)[0], logits)
 
     train_logits, trained = net.apply(variables, x, train=True)
     h, chained = x, variables

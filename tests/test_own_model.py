@@ -78,8 +78,8 @@ def test_contract_holds_and_the_modes_reach_batchnorm():
     @jax.jit
     def run(variables, x):
         return (
-            net.apply(variables, x),
-            net.apply(variables, x[:2]),
+            net.apply(variables, x)[0],
+            net.apply(variables, x[:2])[0],
             net.apply(variables, x, train=True),
             net.apply(variables, x[:2], train=True)[0],
         )
@@ -154,12 +154,13 @@ def test_stepping_stones_between_own_and_zoo_model(own_is_student):
     @jax.jit
     def run(student_params):
         # N_2 by hand: T_head . T_3 . C_2 . S_2 . S_1
-        h = student.apply_range({**student_vars, "params": student_params}, x, 1, 2)
-        h = teacher.apply_block(teacher_vars, 3, connectors.apply(connector_vars, 2, h))
+        h, _ = student.apply_range({**student_vars, "params": student_params}, x, 1, 2)
+        h, _ = connectors.apply(connector_vars, 2, h)
+        h, _ = teacher.apply_block(teacher_vars, 3, h)
         # Stone 1's loss reaches the student's first block through the connector and
         # the teacher's blocks 2..3, and nothing of the student after block 1.
         grads = jax.grad(lambda p: jnp.sum(stones(p, (1,))[1] ** 2))(student_params)
-        return stones(student_params, (1, 2, 3)), teacher.apply_head(teacher_vars, h), grads
+        return stones(student_params, (1, 2, 3)), teacher.apply_head(teacher_vars, h)[0], grads
 
     logits, by_hand, grads = run(student_vars["params"])
     assert sorted(logits) == [1, 2, 3]

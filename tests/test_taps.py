@@ -138,22 +138,22 @@ def test_taps_of_every_zoo_model(name):
     x = images(BATCH, size)
     variables = random_variables(net, x)
 
-    logits, taps = net.taps(variables, x)
-    _close(logits, net.apply(variables, x))
+    logits, taps, _ = net.taps(variables, x)
+    _close(logits, net.apply(variables, x)[0])
     stem, block_shapes, pooled = SHAPES[name]
     nhwc = lambda side_channels: (BATCH, side_channels[0], side_channels[0], side_channels[1])  # noqa: E731
     assert taps.stem.shape == nhwc(stem)
     assert [b.shape for b in taps.blocks] == [nhwc(s) for s in block_shapes]
     assert [p.shape for p in taps.preact] == [nhwc(s) for s in block_shapes]
     assert taps.pooled.shape == (BATCH, pooled)
-    _close(net.apply_head(variables, taps.blocks[-1]), logits)
+    _close(net.apply_head(variables, taps.blocks[-1])[0], logits)
     # The pooled embedding is what the classifier (the head's one 2-D kernel) reads.
     head = variables["params"]["head"].values()
     (fc,) = [m for m in head if "kernel" in m and m["kernel"].ndim == 2]
     _close(taps.pooled @ fc["kernel"] + fc["bias"], logits)
 
     # Native blocks are BlockNet blocks, except VGG's block 1, which is the stem.
-    _, feats = net.features(variables, x)
+    _, feats, _ = net.features(variables, x)
     native = feats[1:] if name.startswith("vgg") else feats
     if name.startswith("vgg"):
         _close(taps.stem, feats[0])
@@ -173,8 +173,8 @@ def test_taps_jit_and_cost_no_more_than_apply():
     net = models.get_model("resnet8", 10)
     x = images(BATCH, 32)
     variables = random_variables(net, x)
-    logits, taps = jax.jit(net.taps)(variables, x)
-    eager_logits, eager_taps = net.taps(variables, x)
+    logits, taps, _ = jax.jit(net.taps)(variables, x)
+    eager_logits, eager_taps, _ = net.taps(variables, x)
     _close(logits, eager_logits)
     jax.tree.map(_close, taps, eager_taps)
     # Taps are tensors the forward pass computes anyway: no operation is added.
@@ -220,7 +220,7 @@ def test_taps_assemble_by_the_recording_rules():
     # Block 1 is the stem alone; block 2's pre-activation comes from the head.
     net = _toy(("stem",), ("preact",), (), ("input_preact", "pooled"))
     x = jnp.zeros((1, 2, 2, 3))
-    logits, taps = net.taps(net.init(jax.random.key(0), x), x)
+    logits, taps, _ = net.taps(net.init(jax.random.key(0), x), x)
     assert float(taps.stem[0, 0, 0, 0]) == 0.0
     assert [float(b[0, 0, 0, 0]) for b in taps.blocks] == [2.0, 3.0]
     assert [float(p[0, 0, 0, 0]) for p in taps.preact] == [1.0, 3.0]

@@ -87,7 +87,7 @@ def test_a_few_steps_lower_the_regression_loss_of_a_2x128_pair(method, pair):
         losses.append(float(metrics["loss"]))
     # KD's two targets disagree: its minimum, 0.1 * 0.9 * mean((y - t)^2), is not 0.
     # (Block-KD's stones end in frozen teacher blocks: it falls less far in as many steps.)
-    t = np.asarray(teacher.apply(tv, x), np.float64).ravel()
+    t = np.asarray(teacher.apply(tv, x)[0], np.float64).ravel()
     floor = (
         0.09 * np.mean((np.asarray(batch["label"], np.float64) - t) ** 2) if method == "kd" else 0
     )

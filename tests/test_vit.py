@@ -85,13 +85,13 @@ def test_cifar_variant_parameter_count():
 
 def test_blocks_chain_to_apply_and_both_modes_compute_the_same(small):
     net, variables, x = small
-    logits = net.apply(variables, x)
+    logits, _ = net.apply(variables, x)
     assert logits.shape == (BATCH, CLASSES)
     h = x
     for i in range(1, net.num_blocks + 1):
-        h = net.apply_block(variables, i, h)
+        h, _ = net.apply_block(variables, i, h)
         assert h.shape == (BATCH, 1 + 16, 32)  # class token + 4 x 4 patches
-    np.testing.assert_allclose(net.apply_head(variables, h), logits, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(net.apply_head(variables, h)[0], logits, rtol=1e-6, atol=1e-6)
 
     # LayerNorm has no batch statistics: training mode is the same function and
     # returns the variables untouched.
@@ -99,13 +99,13 @@ def test_blocks_chain_to_apply_and_both_modes_compute_the_same(small):
     np.testing.assert_array_equal(train_logits, logits)
     jax.tree.map(np.testing.assert_array_equal, new, variables)
     # Per-example computation: an example's logits do not depend on its batch.
-    np.testing.assert_allclose(net.apply(variables, x[:1]), logits[:1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net.apply(variables, x[:1])[0], logits[:1], rtol=1e-5, atol=1e-6)
 
 
 def test_jit_equals_eager(small):
     net, variables, x = small
     np.testing.assert_allclose(
-        jax.jit(net.apply)(variables, x), net.apply(variables, x), rtol=1e-5, atol=1e-6
+        jax.jit(net.apply)(variables, x)[0], net.apply(variables, x)[0], rtol=1e-5, atol=1e-6
     )
 
 
@@ -136,7 +136,7 @@ def test_compute_dtype_keeps_float32_parameters():
     x = images()
     variables = net.init(jax.random.key(1), x)
     assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
-    logits = net.apply(variables, x)
+    logits, _ = net.apply(variables, x)
     assert logits.dtype == jnp.bfloat16 and np.isfinite(np.asarray(logits, np.float32)).all()
 
 
@@ -194,8 +194,8 @@ def test_groups_cut_the_layers(groups, per_block):
 
 def test_taps_are_nhwc_maps_of_the_patch_tokens(small):
     net, variables, x = small
-    logits, feats, taps = net.tapped_features(variables, x)
-    np.testing.assert_allclose(logits, net.apply(variables, x), rtol=1e-6, atol=1e-6)
+    logits, feats, taps, _ = net.tapped_features(variables, x)
+    np.testing.assert_allclose(logits, net.apply(variables, x)[0], rtol=1e-6, atol=1e-6)
     g, dim = 4, 32
     params = variables["params"]
 
@@ -229,7 +229,7 @@ def test_taps_are_nhwc_maps_of_the_patch_tokens(small):
         taps.pooled @ head["kernel"] + head["bias"], logits, rtol=1e-5, atol=1e-5
     )
 
-    _, jit_taps = jax.jit(net.taps)(variables, x)
+    _, jit_taps, _ = jax.jit(net.taps)(variables, x)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), jit_taps, taps
     )
@@ -339,7 +339,7 @@ def test_converted_vit_matches_the_reference_forward():
         nchw = torch.from_numpy(x.transpose(0, 3, 1, 2).astype(np.float64))
         expected, expected_pooled = reference_forward(torch, sd, nchw, heads=3, patch=4)
     net = models.get_model("vit_tiny_cifar", 10)
-    logits, taps = net.taps(variables, jnp.asarray(x))
+    logits, taps, _ = net.taps(variables, jnp.asarray(x))
     diff = _max_diff(logits, expected.numpy())
     print(f"vit_tiny_cifar: max |flax float32 - torch float64| of the logits = {diff:.2e}")
     assert diff < 1e-4
@@ -373,7 +373,7 @@ def test_timm_deit_tiny_converts_to_vit_tiny():
     x = np.asarray(images(224, batch=1, seed=3))
     with torch.no_grad():
         expected = model(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
-    logits = models.get_model("vit_tiny", 1000).apply(variables, jnp.asarray(x))
+    logits, _ = models.get_model("vit_tiny", 1000).apply(variables, jnp.asarray(x))
     diff = _max_diff(logits, expected)
     print(f"deit_tiny_patch16_224: max |flax - timm| of the logits = {diff:.2e}")
     assert diff < 1e-4

@@ -160,7 +160,7 @@ def test_stones_of_vit_pairs_compose_and_take_gradients_exactly_below_each_cut(n
     s_feats = jax.eval_shape(lambda: student.features(sv, x)[1])
     for i in range(1, n + 1):  # each connector makes what the teacher's next block reads
         h = s_feats[conns.student_cuts[i - 1] - 1]
-        y = jax.eval_shape(lambda h, i=i: conns.apply(cv, i, h), h)
+        y = jax.eval_shape(lambda h, i=i: conns.apply(cv, i, h)[0], h)
         assert y.shape == t_feats[conns.teacher_cuts[i - 1] - 1].shape
     stones = range(1, n + 1)
 

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from bkd_jax import losses
-from bkd_jax.blocknet import BlockNet, Taps, Variables
+from bkd_jax.blocknet import BlockNet, Taps
+from bkd_jax.parts import Variables, part_variables, with_part
 
 # Tensors a method may consume; `Method.consumes` documents which (taps: stem, block,
 # pre-activation outputs and pooled embeddings; index: each example's dataset index;
@@ -35,7 +36,7 @@ TENSORS = ("logits", "blocks", "stones", "taps", "index", "strong_view")
 
 
 class Forward(NamedTuple):
-    """One forward pass of a distiller; variables are the updated ones when training."""
+    """One forward pass of a distiller; variables are updated in training, else as given."""
 
     student_logits: jax.Array
     teacher_logits: jax.Array | None
@@ -93,17 +94,23 @@ class CombinedModules:
     def init(self, key: jax.Array) -> dict[str, Any]:
         variables: dict[str, Any] = {}
         for (name, modules), k in zip(self.parts, jax.random.split(key, len(self.parts))):
-            for collection, tree in modules.init(k).items():
-                variables.setdefault(collection, {})[name] = tree
+            variables = with_part(variables, name, modules.init(k))
         return variables
 
-    def apply(self, variables, out, batch, teacher_vars, *, train: bool):
+    def apply(
+        self,
+        variables: Variables,
+        out: Forward,
+        batch: Mapping[str, jax.Array],
+        teacher_vars: Variables,
+        *,
+        train: bool,
+    ) -> tuple[Forward, Variables]:
         new: dict[str, Any] = {}
         for name, modules in self.parts:
-            own = {c: tree[name] for c, tree in variables.items() if name in tree}
+            own = part_variables(variables, name)
             out, own = modules.apply(own, out, batch, teacher_vars, train=train)
-            for collection, tree in own.items():
-                new.setdefault(collection, {})[name] = tree
+            new = with_part(new, name, own)
         return out, new
 
 
@@ -243,26 +250,24 @@ class Distiller:
         if self.teacher is not None:
             teacher_vars = jax.lax.stop_gradient(teacher_vars)
             if self.taps:
-                teacher_logits, teacher_taps = self.teacher.taps(teacher_vars, images)
+                teacher_logits, teacher_taps, _ = self.teacher.taps(teacher_vars, images)
                 teacher_taps = jax.lax.stop_gradient(teacher_taps)
             else:
-                teacher_logits = self.teacher.apply(teacher_vars, images)
+                teacher_logits, _ = self.teacher.apply(teacher_vars, images)
             teacher_logits = jax.lax.stop_gradient(teacher_logits)
         if self.taps:
-            logits, feats, student_taps, *new_vars = self.student.tapped_features(
+            logits, feats, student_taps, student_vars = self.student.tapped_features(
                 student_vars, images, train=train
             )
-            student_vars = new_vars[0] if train else student_vars
-        elif train:
-            # The step's key (`steps.make_train_step`) drives the student's dropout, if any;
-            # folded so that it is not the key a method draws from itself (CRD's negatives).
+        else:
+            # The training step's key (`steps.make_train_step`) drives the student's dropout,
+            # if any; folded so that it is not the key a method draws from itself (CRD's
+            # negatives). Evaluation batches have none.
             rng = batch.get("rng")
             rng = None if rng is None else jax.random.fold_in(rng, DROPOUT_STREAM)
             logits, feats, student_vars = self.student.features(
-                student_vars, images, train=True, rng=rng
+                student_vars, images, train=train, rng=rng
             )
-        else:
-            logits, feats = self.student.features(student_vars, images)
         out = Forward(
             logits, teacher_logits, tuple(feats), {}, student_vars, module_vars, student_taps,
             teacher_taps, {},

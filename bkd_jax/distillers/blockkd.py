@@ -105,12 +105,11 @@ class SteppingStones:
 
     def apply(self, variables, out, batch, teacher_vars, *, train: bool):
         del batch
-        stones = stone_logits(
+        logits, variables = stone_logits(
             out.student_features, self.teacher, teacher_vars, self.connectors, variables,
             stones=self.stones, train=train, batch_stones=self.batch_stones,
             remat_teacher=self.remat_teacher,
         )  # fmt: skip
-        logits, variables = stones if train else (stones, variables)
         out = out._replace(stone_logits=logits)
         if self.teacher_inputs is not None:
             inputs = self.teacher_inputs(jax.lax.stop_gradient(teacher_vars))

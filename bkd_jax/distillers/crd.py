@@ -165,7 +165,7 @@ def _pooled_dims(pair: Pair) -> tuple[int, int]:
 
     def pooled(net):
         variables = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros(shape))
-        _, taps = jax.eval_shape(lambda v, x: net.taps(v, x), variables, jnp.zeros(shape))
+        taps = jax.eval_shape(lambda v, x: net.taps(v, x)[1], variables, jnp.zeros(shape))
         return math.prod(taps.pooled.shape[1:])
 
     return pooled(pair.student), pooled(pair.teacher)

@@ -23,9 +23,10 @@ import jax
 import jax.numpy as jnp
 
 from bkd_jax import losses
-from bkd_jax.blocknet import BlockNet, Taps, Variables, apply_part, with_part
+from bkd_jax.blocknet import BlockNet, Taps
 from bkd_jax.distillers.base import Forward, Loss, Method, Objective, Pair, Recipe
 from bkd_jax.losses.feature import adaptive_avg_pool
+from bkd_jax.parts import Parts, Variables
 
 # PyTorch's default initialisation of `nn.Conv2d` (kaiming_uniform with a = sqrt(5)):
 # U(-1/sqrt(fan_in), 1/sqrt(fan_in)); mdistiller leaves FitNet's and VID's modules at it.
@@ -141,10 +142,10 @@ def feature_method(
 class Heads:
     """Trainable Flax modules, one per selected student tap, as a method's `Modules`.
 
-    Module i is part `{name}{i}` of the variables and reads `inputs(student_taps)[i]`
-    (per-example shape `in_shapes[i]`); the tuple of their outputs is
-    `out.extras[name]`. `teacher_extras`, if given, adds what the objective needs from the
-    teacher's variables (OFD's margins) to the extras.
+    Module i is part `{name}{i}` of the variables (`bkd_jax.parts.Parts`) and reads
+    `inputs(student_taps)[i]` (per-example shape `in_shapes[i]`); the tuple of their
+    outputs is `out.extras[name]`. `teacher_extras`, if given, adds what the objective
+    needs from the teacher's variables (OFD's margins) to the extras.
     """
 
     name: str
@@ -153,24 +154,29 @@ class Heads:
     in_shapes: tuple[tuple[int, ...], ...]
     teacher_extras: Callable[[Variables], Mapping[str, Any]] | None = None
 
-    def part_name(self, i: int) -> str:
-        return f"{self.name}{i}"
+    @property
+    def parts(self) -> Parts:
+        return Parts(tuple(f"{self.name}{i}" for i in range(len(self.modules))), self.modules)
 
     def init(self, key: jax.Array) -> dict[str, Any]:
-        variables: dict[str, Any] = {}
-        keys = jax.random.split(key, len(self.modules))
-        for i, (module, shape, k) in enumerate(zip(self.modules, self.in_shapes, keys)):
-            part = module.init(k, jnp.zeros((1, *shape), jnp.float32), train=False)
-            variables = with_part(variables, self.part_name(i), part)
-        return variables
+        parts = self.parts
+        examples = [jnp.zeros((1, *shape), jnp.float32) for shape in self.in_shapes]
+        return parts.init(key, dict(zip(parts.names, examples, strict=True)))
 
-    def apply(self, variables, out: Forward, batch, teacher_vars, *, train: bool):
+    def apply(
+        self,
+        variables: Variables,
+        out: Forward,
+        batch: Mapping[str, jax.Array],
+        teacher_vars: Variables,
+        *,
+        train: bool,
+    ) -> tuple[Forward, Variables]:
         del batch
         outputs = []
-        xs = self.inputs(out.student_taps)
-        for i, (module, x) in enumerate(zip(self.modules, xs, strict=True)):
-            y = apply_part(module, variables, self.part_name(i), x, train=train)
-            y, variables = y if train else (y, variables)
+        parts = self.parts
+        for name, x in zip(parts.names, self.inputs(out.student_taps), strict=True):
+            y, variables = parts.apply(variables, name, x, train=train)
             outputs.append(y)
         extras = {**out.extras, self.name: tuple(outputs)}
         if self.teacher_extras is not None:

@@ -77,7 +77,7 @@ class StrongView:
                 f"{strong.shape} {strong.dtype} and {batch['image'].shape} {batch['image'].dtype}"
             )
         logits, student_vars = self.student.apply(out.student_vars, strong, train=True)
-        teacher_logits = self.teacher.apply(jax.lax.stop_gradient(teacher_vars), strong)
+        teacher_logits, _ = self.teacher.apply(jax.lax.stop_gradient(teacher_vars), strong)
         extras = {
             **out.extras,
             "strong_student_logits": logits,

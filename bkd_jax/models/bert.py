@@ -37,8 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bkd_jax.blocknet import DROPOUT as DROPOUT_RNG
 from bkd_jax.blocknet import MaskedTokens, TextBlockNet
+from bkd_jax.parts import DROPOUT as DROPOUT_RNG
 
 # transformers' BertConfig defaults (models/bert/configuration_bert.py): layer_norm_eps,
 # initializer_range (normal std of every Linear and Embedding weight, biases zero,
