@@ -97,15 +97,7 @@ class CombinedModules:
             variables = with_part(variables, name, modules.init(k))
         return variables
 
-    def apply(
-        self,
-        variables: Variables,
-        out: Forward,
-        batch: Mapping[str, jax.Array],
-        teacher_vars: Variables,
-        *,
-        train: bool,
-    ) -> tuple[Forward, Variables]:
+    def apply(self, variables, out, batch, teacher_vars, *, train: bool):
         new: dict[str, Any] = {}
         for name, modules in self.parts:
             own = part_variables(variables, name)

@@ -163,15 +163,7 @@ class Heads:
         examples = [jnp.zeros((1, *shape), jnp.float32) for shape in self.in_shapes]
         return parts.init(key, dict(zip(parts.names, examples, strict=True)))
 
-    def apply(
-        self,
-        variables: Variables,
-        out: Forward,
-        batch: Mapping[str, jax.Array],
-        teacher_vars: Variables,
-        *,
-        train: bool,
-    ) -> tuple[Forward, Variables]:
+    def apply(self, variables, out, batch, teacher_vars, *, train: bool):
         del batch
         outputs = []
         parts = self.parts
