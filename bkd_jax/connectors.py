@@ -48,6 +48,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bkd_jax import shapes
 from bkd_jax.blocknet import BlockNet, MaskedTokens, TextBlockNet, grid_side, patch_grid
 from bkd_jax.models.layers import batch_norm, conv
 from bkd_jax.parts import Parts, Variables
@@ -58,13 +59,11 @@ CONNECTORS = ("auto", "patchify", "pool")  # how feature maps become tokens; aut
 
 
 def block_output_shapes(net: BlockNet, input_shape: Sequence[int]) -> list[tuple[int, ...]]:
-    """Per-example output shape of every native block for NHWC `input_shape`, no compute."""
-    x = jax.ShapeDtypeStruct((1, *input_shape[-3:]), jnp.float32)
+    """Per-example output shape of every native block for NHWC `input_shape`, no compute.
 
-    def feats(x):
-        return net.features(net.init(jax.random.key(0), x), x)[1]
-
-    return [tuple(f.shape[1:]) for f in jax.eval_shape(feats, x)]
+    Traced once per network and input shape (`bkd_jax.shapes`): builds repeat it.
+    """
+    return [tuple(f.shape[1:]) for f in shapes.block_output_structs(net, input_shape)]
 
 
 def default_grouping(num_student_blocks: int, num_teacher_blocks: int) -> Grouping:

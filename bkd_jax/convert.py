@@ -55,6 +55,7 @@ import numpy as np
 from flax import traverse_util
 
 from bkd_jax import pth
+from bkd_jax import shapes as shape_cache
 from bkd_jax.blocknet import BlockNet
 from bkd_jax.models import available, bert, get_model, smallest_input_size
 
@@ -133,10 +134,13 @@ def _torch_shape(flax_shape: tuple[int, ...], leaf: str) -> tuple[int, ...]:
 
 
 def variable_shapes(net: BlockNet) -> dict[FlatKey, jax.ShapeDtypeStruct]:
-    """Every variable of `net`, flattened, as abstract shapes (nothing is computed)."""
+    """Every variable of `net`, flattened, as abstract shapes (nothing is computed).
+
+    Traced once per network (`bkd_jax.shapes`): each conversion of a model reads them.
+    """
     size = smallest_input_size(net)
-    x = jax.ShapeDtypeStruct((1, size, size, net.input_channels), jnp.float32)
-    return traverse_util.flatten_dict(jax.eval_shape(net.init, jax.random.key(0), x))
+    shape = (size, size, net.input_channels)
+    return traverse_util.flatten_dict(shape_cache.variable_shapes(net, shape))
 
 
 def _module_index(shapes: Mapping[FlatKey, Any], model_name: str) -> dict[FlatKey, str]:

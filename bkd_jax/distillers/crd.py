@@ -44,7 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bkd_jax import losses
+from bkd_jax import losses, shapes
 from bkd_jax.distillers.base import Loss, Method, Pair, Recipe
 
 MEMORY = "memory"  # the variable collection of the banks and the partition constants
@@ -161,12 +161,8 @@ class ContrastModules:
 
 
 def _pooled_dims(pair: Pair) -> tuple[int, int]:
-    shape = (1, *pair.input_shape[1:])
-
-    def pooled(net):
-        variables = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros(shape))
-        taps = jax.eval_shape(lambda v, x: net.taps(v, x)[1], variables, jnp.zeros(shape))
-        return math.prod(taps.pooled.shape[1:])
+    def pooled(net):  # shapes traced once per network and input shape (bkd_jax.shapes)
+        return math.prod(shapes.tap_structs(net, pair.input_shape).pooled.shape[1:])
 
     return pooled(pair.student), pooled(pair.teacher)
 

@@ -13,7 +13,6 @@ them and runs them in the distiller's forward pass, their outputs in `Forward.ex
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -22,7 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bkd_jax import losses
+from bkd_jax import losses, shapes
 from bkd_jax.blocknet import BlockNet, Taps
 from bkd_jax.distillers.base import Forward, Loss, Method, Objective, Pair, Recipe
 from bkd_jax.losses.feature import adaptive_avg_pool
@@ -53,21 +52,19 @@ def feats(taps: Taps) -> tuple[Any, ...]:
 
 
 def tap_shapes(net: BlockNet, input_shape: Sequence[int]) -> Taps:
-    """Per-example shapes of `net`'s taps for NHWC `input_shape`, as `Taps` of tuples."""
-    return _tap_shapes(net, tuple(input_shape[-3:]))
+    """Per-example shapes of `net`'s taps for NHWC `input_shape`, as `Taps` of tuples.
 
-
-@functools.lru_cache(maxsize=64)  # tracing a deep network takes seconds; builds repeat it
-def _tap_shapes(net: BlockNet, input_shape: tuple[int, ...]) -> Taps:
-    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    taps = jax.eval_shape(lambda x: net.taps(net.init(jax.random.key(0), x), x)[1], x)
-    return jax.tree.map(lambda a: tuple(a.shape[1:]), taps)
+    Traced once per network and input shape (`bkd_jax.shapes`): builds repeat it.
+    """
+    return jax.tree.map(lambda a: tuple(a.shape[1:]), shapes.tap_structs(net, input_shape))
 
 
 def teacher_param_shapes(net: BlockNet, input_shape: Sequence[int]) -> Any:
-    """The shapes of `net`'s parameters (`ShapeDtypeStruct`s), without computing them."""
-    x = jax.ShapeDtypeStruct((1, *input_shape[-3:]), jnp.float32)
-    return jax.eval_shape(lambda x: net.init(jax.random.key(0), x), x)["params"]
+    """The shapes of `net`'s parameters (`ShapeDtypeStruct`s), without computing them.
+
+    Traced once per network and input shape (`bkd_jax.shapes`): builds repeat it.
+    """
+    return shapes.variable_shapes(net, input_shape)["params"]
 
 
 def first_stages(student: Sequence[Any], teacher: Sequence[Any]) -> tuple[tuple, tuple]:

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bkd_jax import losses
+from bkd_jax import losses, shapes
 from bkd_jax.blocknet import Taps
 from bkd_jax.distillers.base import Loss, Method, Pair, Recipe
 from bkd_jax.distillers.crd import torch_uniform
@@ -143,10 +143,11 @@ def teacher_levels(taps: Taps) -> tuple[jax.Array, ...]:
 
 
 def _level_shapes(net, input_shape: Sequence[int], levels) -> list[tuple[int, ...]]:
-    """(H, W, C) of `levels(taps)` of `net` on inputs of NHWC `input_shape`."""
-    x = jnp.zeros((1, *input_shape[1:]))
-    variables = jax.eval_shape(net.init, jax.random.key(0), x)
-    maps = jax.eval_shape(lambda v, x: levels(net.taps(v, x)[1]), variables, x)
+    """(H, W, C) of `levels(taps)` of `net` on inputs of NHWC `input_shape`.
+
+    The taps' shapes are traced once per network and input shape (`bkd_jax.shapes`).
+    """
+    maps = jax.eval_shape(levels, shapes.tap_structs(net, input_shape))
     return [tuple(m.shape[1:]) for m in maps]
 
 

@@ -40,7 +40,7 @@ from absl import logging
 from etils import epath
 from jax.sharding import Mesh
 
-from bkd_jax import distillers, models, optim, steps
+from bkd_jax import distillers, models, optim, shapes, steps
 from bkd_jax.data import datasets
 from bkd_jax.training import (
     checkpointing,
@@ -96,7 +96,7 @@ def load_model_variables(path: str, net: models.BlockNet, image_shape, field: st
         variables, metadata = checkpointing.load_variables(path)
     except ValueError as e:
         raise ValueError(f"{what} {path}: {e}") from None
-    expected = jax.eval_shape(net.init, jax.random.key(0), jnp.zeros((1, *image_shape)))
+    expected = shapes.variable_shapes(net, image_shape)  # traced once; distillers reuse it
     want = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree.leaves_with_path(expected)}
     have = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree.leaves_with_path(variables)}
     problems = [f"missing {k} {want[k]}" for k in sorted(want.keys() - have.keys())]
