@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bkd_jax import console, distillers, models, optim, steps
+from bkd_jax import console, distillers, models, optim, shapes, steps
 from bkd_jax.training.validation import validate_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -60,9 +60,15 @@ def build(config):
     return distiller, optimizer, teacher, batch
 
 
+@functools.cache
+def teacher_variables(teacher, image_shape: tuple[int, ...]):
+    """The teacher's variables (read only by a step), computed once for every method."""
+    return teacher.init(jax.random.key(1), jax.random.normal(jax.random.key(0), image_shape))
+
+
 def train_step_shapes(config):
     distiller, optimizer, teacher, batch = build(config)
-    teacher_vars = jax.eval_shape(teacher.init, jax.random.key(1), batch["image"])
+    teacher_vars = shapes.variable_shapes(teacher, batch["image"].shape)  # traced once a pair
     state = jax.eval_shape(
         lambda key: steps.create_train_state(distiller, optimizer, key, batch["image"]),
         jax.random.key(2),
@@ -111,7 +117,7 @@ def test_every_method_traces_on_an_imagenet_pair():
 def test_every_method_runs_one_jitted_step_of_a_cifar_recipe(method):
     config = recipe("cifar100", ("vgg13", "vgg8"), method)
     distiller, optimizer, teacher, batch = build(config)
-    teacher_vars = teacher.init(jax.random.key(1), batch["image"])
+    teacher_vars = teacher_variables(teacher, batch["image"].shape)
     state = steps.create_train_state(distiller, optimizer, jax.random.key(2), batch["image"])
     step = jax.jit(steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(1.0)))
     new_state, metrics = step(state, teacher_vars, batch)
