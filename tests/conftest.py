@@ -4,7 +4,10 @@ Most of the suite's time is XLA compiling the same small programs again: model i
 the same train step in each process a test starts. So before JAX is imported, the run
 gets a persistent compilation cache in a temporary folder (removed at exit), which the
 pytest-xdist workers and every subprocess inherit through the environment. A test that
-sets JAX_COMPILATION_CACHE_DIR itself keeps its own.
+sets JAX_COMPILATION_CACHE_DIR itself keeps its own. And unless XLA_FLAGS names a level,
+XLA compiles at backend optimisation level 1: on a CPU the tests' programs compile faster
+than at the default level (initialisers in half the time) and run about as fast. Level 0
+compiles faster still but runs train steps several times slower.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # small programs too
     os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "-1"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    _flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{_flags} --xla_backend_optimization_level=1".strip()
 
 import jax
 import jax.numpy as jnp
