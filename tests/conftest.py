@@ -59,6 +59,30 @@ def write_images(root: pathlib.Path, images: dict[str, dict[str, list[np.ndarray
     return str(root)
 
 
+def random_variables(shapes, seed: int):
+    """Random variables shaped like `shapes` (`ShapeDtypeStruct`s): kernels scaled by fan-in,
+    running means near 0, variances and BatchNorm scales in [0.5, 2] (no BatchNorm is the
+    identity), optimizer state 0.
+
+    Drawn in NumPy: an eager `init` compiles a sampler per parameter shape, seconds for a
+    deep network, where a test needs variables, not the initialisers' values."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, s):
+        name = jax.tree_util.keystr(path)
+        if not jnp.issubdtype(s.dtype, jnp.floating) or "opt_state" in name:
+            value = np.zeros(s.shape)
+        elif name.endswith("['kernel']"):
+            value = rng.normal(0.0, 1 / np.sqrt(np.prod(s.shape[:-1])), s.shape)
+        elif name.endswith(("['var']", "['scale']")):
+            value = rng.uniform(0.5, 2.0, s.shape)
+        else:
+            value = rng.normal(0.0, 0.1, s.shape)
+        return jnp.asarray(value, s.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
 def images(batch: int, size: int, seed: int = 0) -> jax.Array:
     return jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import random_variables
 
 from bkd_jax import bench, config_defaults, distillers, models, steps
 from bkd_jax.models import cpu_conv
@@ -28,33 +29,13 @@ PAIR = ("resnet8", "resnet8")
 GROUPED = (("grouping", ((1, 3), (2, 3))), ("distance", "dkd"))  # stones enter block 3, head
 
 
-def random_like(shapes, seed: int):
-    """Random variables shaped like `shapes` (no init to compile): kernels scaled by fan-in,
-    running means near 0, variances and BatchNorm scales in [0.5, 2], optimizer state 0."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, s):
-        name = jax.tree_util.keystr(path)
-        if not jnp.issubdtype(s.dtype, jnp.floating) or "opt_state" in name:
-            value = np.zeros(s.shape)
-        elif name.endswith("['kernel']"):
-            value = rng.normal(0.0, 1 / np.sqrt(np.prod(s.shape[:-1])), s.shape)
-        elif name.endswith(("['var']", "['scale']")):
-            value = rng.uniform(0.5, 2.0, s.shape)
-        else:
-            value = rng.normal(0.0, 0.1, s.shape)
-        return jnp.asarray(value, s.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 @functools.cache
 def setup():
     """Teacher variables, a batch and an optimizer."""
     teacher = models.get_model(PAIR[0], NUM_CLASSES)
     x = jax.random.normal(jax.random.key(0), SHAPE)
     batch = {"image": x, "label": jax.random.randint(jax.random.key(1), (SHAPE[0],), 0, 10)}
-    teacher_vars = random_like(jax.eval_shape(teacher.init, jax.random.key(2), x), seed=2)
+    teacher_vars = random_variables(jax.eval_shape(teacher.init, jax.random.key(2), x), seed=2)
     return teacher_vars, batch, optax.sgd(0.1, momentum=0.9)
 
 
@@ -70,7 +51,7 @@ def initial_state(method: str, cfg=()) -> steps.TrainState:
     """A random train state for the student and the modules of `method`."""
     _, batch, optimizer = setup()
     init = functools.partial(steps.create_train_state, build(method, cfg), optimizer)
-    return random_like(jax.eval_shape(init, jax.random.key(4), batch["image"]), seed=4)
+    return random_variables(jax.eval_shape(init, jax.random.key(4), batch["image"]), seed=4)
 
 
 def in_float64(tree):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import MAP_MODELS, images, input_size
+from conftest import MAP_MODELS, images, input_size, random_variables
 
 from bkd_jax import blocknet, models
 
@@ -58,27 +58,6 @@ SHAPES = {
     "imagenet_resnet50": _imagenet_resnet(4),
     "imagenet_mobilenetv1": ((32, 32), ((16, 128), (8, 256), (4, 512), (2, 1024)), 1024),
 }
-
-
-def random_variables(net: blocknet.BlockNet, x: jax.Array, seed: int = 0):
-    """Variables of `net`'s shapes filled from numpy (eager `init` compiles far longer).
-
-    Kernels have unit fan-in variance; BatchNorms get distinct random scales, shifts and
-    statistics so that none of them is the identity.
-    """
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name = jax.tree_util.keystr(path[-1:])
-        if "kernel" in name:
-            fan_in = np.prod(leaf.shape[:-1])
-            return rng.standard_normal(leaf.shape, np.float32) / np.sqrt(fan_in)
-        if "var" in name or "scale" in name:
-            return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
-        return 0.1 * rng.standard_normal(leaf.shape, np.float32)
-
-    shapes = jax.eval_shape(net.init, jax.random.key(0), x)
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def num_classes(name: str) -> int:
@@ -136,7 +115,7 @@ def test_taps_of_every_zoo_model(name):
     net = models.get_model(name, num_classes(name))
     size = input_size(name)
     x = images(BATCH, size)
-    variables = random_variables(net, x)
+    variables = random_variables(jax.eval_shape(net.init, jax.random.key(0), x), seed=0)
 
     logits, taps, _ = net.taps(variables, x)
     _close(logits, net.apply(variables, x)[0])
@@ -172,7 +151,7 @@ def test_taps_of_every_zoo_model(name):
 def test_taps_jit_and_cost_no_more_than_apply():
     net = models.get_model("resnet8", 10)
     x = images(BATCH, 32)
-    variables = random_variables(net, x)
+    variables = random_variables(jax.eval_shape(net.init, jax.random.key(0), x), seed=0)
     logits, taps, _ = jax.jit(net.taps)(variables, x)
     eager_logits, eager_taps, _ = net.taps(variables, x)
     _close(logits, eager_logits)
