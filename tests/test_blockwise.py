@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import test_steps
-from conftest import images
+from conftest import images, random_variables
 from test_losses import ref_ce
 from test_mlkd_loss import ref_one_view
 from test_wkd_distiller import _fc_cost
@@ -41,12 +41,11 @@ def build(teacher_name: str, student_name: str, size: int):
 def connect(teacher, student, x):
     """`(teacher, student, connectors, (teacher, student, connector variables), x)`."""
     conns = make_connectors(student, teacher, x.shape)
-    # Eager `init` compiles a sampler per parameter shape; XLA compiles those of RBG keys
-    # markedly faster than threefry's.
+    key = jax.random.key(0)
     variables = (
-        teacher.init(jax.random.key(1, impl="rbg"), x),
-        student.init(jax.random.key(2, impl="rbg"), x),
-        conns.init(jax.random.key(3, impl="rbg")),
+        random_variables(jax.eval_shape(teacher.init, key, x), seed=1),
+        random_variables(jax.eval_shape(student.init, key, x), seed=2),
+        random_variables(jax.eval_shape(conns.init, key), seed=3),
     )
     return teacher, student, conns, variables, x
 
