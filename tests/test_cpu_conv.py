@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import random_variables
 
 from bkd_jax import config_defaults, distillers, models, steps
 from bkd_jax.models import cpu_conv
@@ -165,14 +166,16 @@ def compiled_steps(name: str):
         jax.tree.map,
         lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x,
     )
-    images = jax.random.normal(jax.random.key(0), (8, side, side, 3), jnp.float64)
+    key = jax.random.key(0)
+    images = jax.random.normal(key, (8, side, side, 3), jnp.float64)
     batch = {"image": images, "label": jnp.arange(8) % 10}
     distiller = distillers.make_distiller(
         config_defaults.distill_config("ce"), net, net, images.shape
     )
     optimizer = optax.sgd(0.1, momentum=0.9)
-    state = to_float64(steps.create_train_state(distiller, optimizer, jax.random.key(1), images))
-    teacher_vars = to_float64(net.init(jax.random.key(2), images))
+    init_state = functools.partial(steps.create_train_state, distiller, optimizer)
+    state = to_float64(random_variables(jax.eval_shape(init_state, key, images), seed=1))
+    teacher_vars = to_float64(random_variables(jax.eval_shape(net.init, key, images), seed=2))
     compiled, products = [], []
     for xla_only in (False, True):
         # A step function of its own: JAX caches the trace of each function.
@@ -195,6 +198,7 @@ def test_three_chained_train_steps_equal_with_and_without_the_cpu_path(name):
             want = xla_only(want[0], teacher_vars, batch)
     assert jax.tree.structure(got) == jax.tree.structure(want)
     assert jax.tree.leaves(got[0].params)[0].dtype == np.float64
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(got[1]))  # the metrics
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         g, w = np.asarray(g), np.asarray(w)
         # The floor is for leaves that are zero up to float64 rounding (a bias that a
