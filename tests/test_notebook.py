@@ -40,9 +40,6 @@ def test_quickstart_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("BKD_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("BKD_NOTEBOOK_WORKDIR", str(tmp_path))
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    # The kernel compiles at optimisation level 1: faster than the default on a CPU and
-    # about as fast to run (level 0 compiles faster still but runs the epochs slower).
-    monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=1")
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     nbclient.NotebookClient(
         notebook, timeout=600, kernel_name="python3",
