@@ -83,6 +83,12 @@ def random_variables(shapes, seed: int):
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
+def in_float64(tree):
+    """`tree` with its floating leaves in float64 (inside `jax.enable_x64`)."""
+    floating = lambda x: jnp.issubdtype(x.dtype, jnp.floating)  # noqa: E731
+    return jax.tree.map(lambda x: x.astype(jnp.float64) if floating(x) else x, tree)
+
+
 def images(batch: int, size: int, seed: int = 0) -> jax.Array:
     return jax.random.normal(jax.random.key(seed), (batch, size, size, 3), jnp.float32)
 

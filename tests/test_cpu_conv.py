@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import random_variables
+from conftest import in_float64, random_variables
 
 from bkd_jax import config_defaults, distillers, models, steps
 from bkd_jax.models import cpu_conv
@@ -162,10 +162,6 @@ def compiled_steps(name: str):
     path computes them; in float64 the paths' differences stay at its rounding."""
     net = models.get_model(name, 10, jnp.float64)
     side = models.smallest_input_size(net)
-    to_float64 = functools.partial(
-        jax.tree.map,
-        lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-    )
     key = jax.random.key(0)
     images = jax.random.normal(key, (8, side, side, 3), jnp.float64)
     batch = {"image": images, "label": jnp.arange(8) % 10}
@@ -174,8 +170,8 @@ def compiled_steps(name: str):
     )
     optimizer = optax.sgd(0.1, momentum=0.9)
     init_state = functools.partial(steps.create_train_state, distiller, optimizer)
-    state = to_float64(random_variables(jax.eval_shape(init_state, key, images), seed=1))
-    teacher_vars = to_float64(random_variables(jax.eval_shape(net.init, key, images), seed=2))
+    state = in_float64(random_variables(jax.eval_shape(init_state, key, images), seed=1))
+    teacher_vars = in_float64(random_variables(jax.eval_shape(net.init, key, images), seed=2))
     compiled, products = [], []
     for xla_only in (False, True):
         # A step function of its own: JAX caches the trace of each function.

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import random_variables
+from conftest import in_float64, random_variables
 
 from bkd_jax import bench, config_defaults, distillers, models, steps
 from bkd_jax.models import cpu_conv
@@ -52,12 +52,6 @@ def initial_state(method: str, cfg=()) -> steps.TrainState:
     _, batch, optimizer = setup()
     init = functools.partial(steps.create_train_state, build(method, cfg), optimizer)
     return random_variables(jax.eval_shape(init, jax.random.key(4), batch["image"]), seed=4)
-
-
-def in_float64(tree):
-    """`tree` with its floating leaves in float64 (inside `jax.enable_x64`)."""
-    floating = lambda x: jnp.issubdtype(x.dtype, jnp.floating)  # noqa: E731
-    return jax.tree.map(lambda x: x.astype(jnp.float64) if floating(x) else x, tree)
 
 
 @functools.cache
