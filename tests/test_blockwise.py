@@ -16,7 +16,7 @@ from test_mlkd_loss import ref_one_view
 from test_wkd_distiller import _fc_cost
 from test_wkd_losses import ref_wkd_logit
 
-from bkd_jax import models, steps
+from bkd_jax import models, shapes, steps
 from bkd_jax.blockwise import stepping_stones
 from bkd_jax.connectors import default_grouping, make_connectors
 
@@ -41,11 +41,10 @@ def build(teacher_name: str, student_name: str, size: int):
 def connect(teacher, student, x):
     """`(teacher, student, connectors, (teacher, student, connector variables), x)`."""
     conns = make_connectors(student, teacher, x.shape)
-    key = jax.random.key(0)
     variables = (
-        random_variables(jax.eval_shape(teacher.init, key, x), seed=1),
-        random_variables(jax.eval_shape(student.init, key, x), seed=2),
-        random_variables(jax.eval_shape(conns.init, key), seed=3),
+        random_variables(shapes.variable_shapes(teacher, x.shape), seed=1),
+        random_variables(shapes.variable_shapes(student, x.shape), seed=2),
+        random_variables(jax.eval_shape(conns.init, jax.random.key(0)), seed=3),
     )
     return teacher, student, conns, variables, x
 

@@ -19,7 +19,7 @@ import optax
 import pytest
 from conftest import in_float64, random_variables
 
-from bkd_jax import config_defaults, distillers, models, steps
+from bkd_jax import config_defaults, distillers, models, shapes, steps
 from bkd_jax.models import cpu_conv
 
 FAMILIES = (
@@ -171,7 +171,7 @@ def compiled_steps(name: str):
     optimizer = optax.sgd(0.1, momentum=0.9)
     init_state = functools.partial(steps.create_train_state, distiller, optimizer)
     state = in_float64(random_variables(jax.eval_shape(init_state, key, images), seed=1))
-    teacher_vars = in_float64(random_variables(jax.eval_shape(net.init, key, images), seed=2))
+    teacher_vars = in_float64(random_variables(shapes.variable_shapes(net, images.shape), seed=2))
     compiled, products = [], []
     for xla_only in (False, True):
         # A step function of its own: JAX caches the trace of each function.

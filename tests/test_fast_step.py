@@ -19,7 +19,7 @@ import optax
 import pytest
 from conftest import in_float64, random_variables
 
-from bkd_jax import bench, config_defaults, distillers, models, steps
+from bkd_jax import bench, config_defaults, distillers, models, shapes, steps
 from bkd_jax.models import cpu_conv
 
 NUM_CLASSES = 10
@@ -35,7 +35,7 @@ def setup():
     teacher = models.get_model(PAIR[0], NUM_CLASSES)
     x = jax.random.normal(jax.random.key(0), SHAPE)
     batch = {"image": x, "label": jax.random.randint(jax.random.key(1), (SHAPE[0],), 0, 10)}
-    teacher_vars = random_variables(jax.eval_shape(teacher.init, jax.random.key(2), x), seed=2)
+    teacher_vars = random_variables(shapes.variable_shapes(teacher, SHAPE), seed=2)
     return teacher_vars, batch, optax.sgd(0.1, momentum=0.9)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import MAP_MODELS, images, input_size, random_variables
 
-from bkd_jax import models
+from bkd_jax import models, shapes
 from bkd_jax.models import vit
 
 # Trainable parameters (BatchNorm running statistics excluded) of the PyTorch originals.
@@ -50,8 +50,7 @@ def test_registry_holds_exactly_the_zoo():
 @pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
 def test_parameter_count(name):
     net = models.get_model(name, num_classes(name))
-    x = jax.ShapeDtypeStruct((1, input_size(name), input_size(name), 3), jnp.float32)
-    variables = jax.eval_shape(net.init, jax.random.key(0), x)
+    variables = shapes.variable_shapes(net, (input_size(name), input_size(name), 3))
     assert sum(p.size for p in jax.tree.leaves(variables["params"])) == EXPECTED_PARAMS[name]
 
 
@@ -70,7 +69,7 @@ def _close(a, b):
 def test_blocks_chain_to_apply_and_batchnorm_updates_only_in_training(name):
     net = models.get_model(name, num_classes(name))
     x = images(BATCH, input_size(name))
-    variables = random_variables(jax.eval_shape(net.init, jax.random.key(0), x), seed=0)
+    variables = random_variables(shapes.variable_shapes(net, x.shape), seed=0)
 
     logits, same = net.apply(variables, x)
     assert same is variables  # inference returns the variables it was given

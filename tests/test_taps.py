@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import MAP_MODELS, images, input_size, random_variables
 
-from bkd_jax import blocknet, models
+from bkd_jax import blocknet, models, shapes
 
 BATCH = 2
 
@@ -115,7 +115,7 @@ def test_taps_of_every_zoo_model(name):
     net = models.get_model(name, num_classes(name))
     size = input_size(name)
     x = images(BATCH, size)
-    variables = random_variables(jax.eval_shape(net.init, jax.random.key(0), x), seed=0)
+    variables = random_variables(shapes.variable_shapes(net, x.shape), seed=0)
 
     logits, taps, _ = net.taps(variables, x)
     _close(logits, net.apply(variables, x)[0])
@@ -151,7 +151,7 @@ def test_taps_of_every_zoo_model(name):
 def test_taps_jit_and_cost_no_more_than_apply():
     net = models.get_model("resnet8", 10)
     x = images(BATCH, 32)
-    variables = random_variables(jax.eval_shape(net.init, jax.random.key(0), x), seed=0)
+    variables = random_variables(shapes.variable_shapes(net, x.shape), seed=0)
     logits, taps, _ = jax.jit(net.taps)(variables, x)
     eager_logits, eager_taps, _ = net.taps(variables, x)
     _close(logits, eager_logits)
