@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 import test_recipes
-from conftest import images
+from conftest import images, jit_for_one_run
 from test_blockwise import connect, grad_norm, manual_stone
 
 from bkd_jax import config_defaults, distillers, models, optim, steps
@@ -126,8 +126,6 @@ def test_tokens_to_map_drops_the_prefix_and_reads_the_grid():
 
 
 SIZE = 16  # image side of the pairs below: resnet8's blocks output 16, 8 and 4 pixels
-# XLA:CPU compiles these small steps about twice as fast without its LLVM optimisations.
-fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
 def tiny_vit(patch: int = 4, dim: int = 16, name: str = "vit_test"):
@@ -164,7 +162,7 @@ def test_stones_of_vit_pairs_compose_and_take_gradients_exactly_below_each_cut(n
         assert y.shape == t_feats[conns.teacher_cuts[i - 1] - 1].shape
     stones = range(1, n + 1)
 
-    @fast_jit
+    @jit_for_one_run
     def both(variables):
         out = stepping_stones(student, variables[1], teacher, variables[0], conns, variables[2],
                               x, stones=stones, train=False)  # fmt: skip
@@ -185,7 +183,7 @@ def test_stones_of_vit_pairs_compose_and_take_gradients_exactly_below_each_cut(n
         )  # fmt: skip
         return sum(w[i - 1] * jnp.sum(out.stone_logits[i] * probe) for i in range(1, n + 1))
 
-    jacobian_row = fast_jit(jax.grad(weighted))
+    jacobian_row = jit_for_one_run(jax.grad(weighted))
     for i, unit in enumerate(jnp.eye(n), 1):
         s_grads, c_grads = jacobian_row((sv["params"], cv["params"]), unit)
         for k in range(1, student.num_blocks + 1):
@@ -211,7 +209,7 @@ def _one_step(name: str, method: str, **knobs):
     distiller = distillers.make_distiller(cfg, student, teacher, x.shape, num_examples=4)
     optimizer = optax.adam(1e-3)
     state = steps.create_train_state(distiller, optimizer, jax.random.key(5), x)
-    step = fast_jit(steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(1.0)))
+    step = jit_for_one_run(steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(1.0)))
     new_state, metrics = step(state, tv, batch)
     return state, new_state, metrics
 
