@@ -18,6 +18,7 @@ import numpy as np
 import optax
 import pytest
 import sklearn.datasets
+from conftest import jit_for_one_run
 
 from bkd_jax import distillers, losses, models, optim, steps
 from bkd_jax.config_defaults import base_config
@@ -51,7 +52,7 @@ def digits_batch() -> dict[str, jax.Array]:
 
 def jit_init(net: models.BlockNet, seed: int, x: jax.Array):
     """`net.init`, jitted: eager initialisers compile op by op, which is slow on CPU."""
-    return jax.jit(net.init)(jax.random.key(seed), x)
+    return jit_for_one_run(net.init)(jax.random.key(seed), x)
 
 
 @functools.cache
@@ -82,15 +83,15 @@ def make(method: str, **knobs) -> distillers.Distiller:
 def test_crd_objective_is_the_nce_loss_of_the_embedded_pooled_features():
     distiller = make("crd", negatives=50)
     student, teacher, student_vars, teacher_vars = pair_vars()
-    module_vars = jax.jit(distiller.init_modules)(jax.random.key(4))
+    module_vars = jit_for_one_run(distiller.init_modules)(jax.random.key(4))
     batch = digits_batch()
-    forward = jax.jit(functools.partial(distiller.forward, train=True))
+    forward = jit_for_one_run(functools.partial(distiller.forward, train=True))
     out = forward(student_vars, module_vars, teacher_vars, batch)
     loss = distiller.objective(out, batch, jnp.float32(1.0))
 
     # The right tensors, computed here: the pooled features, the heads as affine maps, the
     # banks as initialised, the first batch's partition constants.
-    @jax.jit
+    @jit_for_one_run
     def reference(module_vars, idx):
         s_logits, s_taps, t_taps = taps_of(student, teacher, student_vars, teacher_vars)
         heads = module_vars["params"]
@@ -149,7 +150,7 @@ def test_crd_step_is_a_function_of_the_state_its_seed_and_step():
     optimizer = optax.adam(3e-3)
     batch = {k: v for k, v in digits_batch().items() if k != "rng"}
     _, _, _, teacher_vars = pair_vars()
-    step = jax.jit(steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(1.0)))
+    step = jit_for_one_run(steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(1.0)))
     state = steps.create_train_state(distiller, optimizer, jax.random.key(5), batch["image"])
     first, m1 = step(state, teacher_vars, batch)
     again, m2 = step(state, teacher_vars, batch)
@@ -167,7 +168,7 @@ def test_crd_step_is_a_function_of_the_state_its_seed_and_step():
 def test_crd_needs_example_indices_and_the_training_set_size():
     distiller = make("crd", negatives=8)
     _, _, student_vars, teacher_vars = pair_vars()
-    module_vars = jax.jit(distiller.init_modules)(jax.random.key(0))
+    module_vars = jit_for_one_run(distiller.init_modules)(jax.random.key(0))
     batch = {k: v for k, v in digits_batch().items() if k != "index"}
     with pytest.raises(ValueError, match=r"crd: the training batch has no 'index'"):
         distiller.forward(student_vars, module_vars, teacher_vars, batch, train=True)
@@ -244,8 +245,8 @@ def test_review_fusion_matches_a_float64_reference_with_resizing_both_ways():
     review = reviewkd.Review(levels, mid_channels=4)
     rng = np.random.default_rng(0)
     feats = [jnp.asarray(rng.normal(size=(5, *lv.student)), jnp.float32) for lv in levels]
-    variables = jax.jit(review.init)(jax.random.key(1), feats)
-    got, _ = jax.jit(functools.partial(review.apply, train=True, mutable=["batch_stats"]))(
+    variables = jit_for_one_run(review.init)(jax.random.key(1), feats)
+    got, _ = jit_for_one_run(functools.partial(review.apply, train=True, mutable=["batch_stats"]))(
         variables, feats
     )
     want = _np_review(variables["params"], [np.asarray(f, np.float64) for f in feats], levels)
@@ -257,18 +258,18 @@ def test_review_fusion_matches_a_float64_reference_with_resizing_both_ways():
 def test_reviewkd_objective_is_hcl_of_the_fused_features_against_the_teachers():
     distiller = make("reviewkd")
     student, teacher, student_vars, teacher_vars = pair_vars()
-    module_vars = jax.jit(distiller.init_modules)(jax.random.key(4))
+    module_vars = jit_for_one_run(distiller.init_modules)(jax.random.key(4))
     batch = digits_batch()
-    out = jax.jit(functools.partial(distiller.forward, train=True))(
+    out = jit_for_one_run(functools.partial(distiller.forward, train=True))(
         student_vars, module_vars, teacher_vars, batch
     )
     loss = distiller.objective(out, batch, jnp.float32(0.25))
 
-    _, s_taps, t_taps = jax.jit(functools.partial(taps_of, student, teacher))(
+    _, s_taps, t_taps = jit_for_one_run(functools.partial(taps_of, student, teacher))(
         student_vars, teacher_vars
     )
     pooled = lambda taps: taps.pooled[:, None, None, :]  # noqa: E731
-    review = jax.jit(
+    review = jit_for_one_run(
         lambda feats: distiller.modules.review.apply(
             module_vars, feats, train=True, mutable=["batch_stats"]
         )[0]
@@ -284,7 +285,7 @@ def test_reviewkd_objective_is_hcl_of_the_fused_features_against_the_teachers():
     )
     # stu_preact reviews the student's pre-activations instead of its block outputs.
     preact = make("reviewkd", stu_preact=True)
-    out = jax.jit(functools.partial(preact.forward, train=True))(
+    out = jit_for_one_run(functools.partial(preact.forward, train=True))(
         student_vars, module_vars, teacher_vars, batch
     )
     fused = review([*s_taps.preact, pooled(s_taps)])

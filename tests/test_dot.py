@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from conftest import jit_for_one_run
 
 from bkd_jax import config_defaults, distillers, models, optim, steps
 from tests.test_steps import SHAPE, teacher_and_batch
@@ -40,7 +41,7 @@ def test_dot_method_feeds_the_task_and_distillation_gradients_apart():
     optimizer = optim.make_optimizer(cfg, 10, distillers.get("dot").optimizer)
     assert isinstance(optimizer, optim.SplitGradientTransformation)
     state = steps.create_train_state(distiller, optimizer, jax.random.key(0), batch["image"])
-    step = steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(1.0))
+    step = jit_for_one_run(steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(1.0)))
     new_state, _ = step(state, teacher_vars, batch)
 
     def term(params, name):
@@ -52,9 +53,10 @@ def test_dot_method_feeds_the_task_and_distillation_gradients_apart():
         return getattr(loss, name)
 
     # From zero buffers, one step leaves each loss's own gradient in its buffer.
+    gradient = jit_for_one_run(jax.grad(term), static_argnums=1)
     for buffer, name in ((new_state.opt_state.task_momentum, "task"),
                          (new_state.opt_state.distill_momentum, "distill")):  # fmt: skip
-        want = jax.grad(term)(state.params, name)
+        want = gradient(state.params, name)
         for got, ref in zip(jax.tree.leaves(buffer), jax.tree.leaves(want)):
             np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-6)
     assert any(

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import jit_for_one_run
 
 from bkd_jax import console, distillers, models, optim, shapes, steps
 from bkd_jax.training.validation import validate_config
@@ -119,7 +120,7 @@ def test_every_method_runs_one_jitted_step_of_a_cifar_recipe(method):
     distiller, optimizer, teacher, batch = build(config)
     teacher_vars = teacher_variables(teacher, batch["image"].shape)
     state = steps.create_train_state(distiller, optimizer, jax.random.key(2), batch["image"])
-    step = jax.jit(steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(1.0)))
+    step = jit_for_one_run(steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(1.0)))
     new_state, metrics = step(state, teacher_vars, batch)
     assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 1
 

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 import sklearn.datasets
+from conftest import jit_for_one_run
 
 from bkd_jax import config_defaults, distillers, losses, models, steps
 
@@ -99,7 +100,7 @@ def test_blockkd_lite_uses_the_deepest_stones_and_may_drop_the_cross_term():
     lite, optimizer, state, teacher_vars, batch = build("blockkd_lite", gamma=0.0)
     full, *_ = build("blockkd")
     assert full.modules.stones == (1, 2, 3) and lite.modules.stones == (2, 3)
-    step = jax.jit(steps.make_train_step(lite, optimizer, lambda s: jnp.float32(1.0)))
+    step = jit_for_one_run(steps.make_train_step(lite, optimizer, lambda s: jnp.float32(1.0)))
     _, metrics = step(state, teacher_vars, batch)
     assert {"kd_stone2", "kd_stone3"} <= set(metrics) and "kd_stone1" not in metrics
     assert float(metrics["cross"]) == 0.0 and "cross_student" not in metrics
@@ -109,7 +110,7 @@ def test_blockkd_lite_uses_the_deepest_stones_and_may_drop_the_cross_term():
 
 def test_dkd_warmup_scales_the_distillation_term():
     distiller, optimizer, state, teacher_vars, batch = build("dkd")
-    step = steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(0.25))
+    step = jit_for_one_run(steps.make_train_step(distiller, optimizer, lambda s: jnp.float32(0.25)))
     _, m = step(state, teacher_vars, batch)
     # mdistiller's DKD weighs the label CE 1.0 (CFG.DKD.CE_WEIGHT), not KD's 0.1.
     np.testing.assert_allclose(m["loss"], 1.0 * m["ce"] + 0.25 * m["dkd"], rtol=1e-6)
