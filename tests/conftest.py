@@ -1,8 +1,8 @@
 """Shared test helpers: zoo input sizes, image folders and the optional real-data files.
 
-Most of the suite's time is XLA compiling the same small programs again: model inits,
-the same train step in each process a test starts. So before JAX is imported, the run
-gets a persistent compilation cache in a temporary folder (removed at exit), which the
+Most of the suite's time is XLA compiling programs, and processes a test starts compile
+some of the same ones (model inits, a digits train step). So before JAX is imported, the
+run gets a persistent compilation cache in a temporary folder (removed at exit), which the
 pytest-xdist workers and every subprocess inherit through the environment. A test that
 sets JAX_COMPILATION_CACHE_DIR itself keeps its own. And unless XLA_FLAGS names a level,
 XLA compiles at backend optimisation level 1: on a CPU the tests' programs compile faster
