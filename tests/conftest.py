@@ -7,8 +7,8 @@ pytest-xdist workers and every subprocess inherit through the environment. A tes
 sets JAX_COMPILATION_CACHE_DIR itself keeps its own. And unless XLA_FLAGS names a level,
 XLA compiles at backend optimisation level 1: on a CPU the tests' programs compile faster
 than at the default level (initialisers in half the time) and run about as fast. Level 0
-compiles faster still but runs train steps several times slower; a test that runs a program
-once compiles it there (`jit_for_one_run`).
+compiles faster still but runs train steps several times slower; a test that runs a small
+program a few times compiles it there (`jit_for_one_run`).
 """
 
 from __future__ import annotations
@@ -85,9 +85,10 @@ def random_variables(shapes, seed: int):
     return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-# For a program a test runs once or twice: without its LLVM optimisations XLA:CPU compiles
-# a train step in about a third less time and runs it several times slower, which for one
-# run saves more than it costs. Tests check values, not speed.
+# For a small program a test runs a few times (one step, a row of gradients per stone):
+# without its LLVM optimisations XLA:CPU compiles a train step in about a third less time
+# and runs it several times slower, which for a few runs saves more than it costs. Tests
+# check values, not speed.
 jit_for_one_run = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
